@@ -1,0 +1,31 @@
+# Every target installs what it needs into .venv on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-test
+
+.PHONY: test demo bench bench-uncertainty bench-loop install clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch is pinned to the CPU wheel on this machine kind; a GPU server installs its own torch first.
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	QT_QPA_PLATFORM=offscreen $(BIN)/python -m pytest Testing -q
+
+demo: $(STAMP)
+	$(BIN)/sslsegment demo --out runs/demo
+
+bench: $(STAMP)
+	$(BIN)/python -m training.bench.ssl --profile $${PROFILE:-quick}
+
+clean:
+	rm -rf runs benchmarks/work

@@ -1,0 +1,193 @@
+"""Image and label I/O that keeps the full geometry (spacing, origin, direction).
+
+Arrays are in SimpleITK/Slicer order (k, j, i) = (z, y, x); geometry is in SimpleITK's LPS convention.
+Every write goes to a temporary file in the destination folder, is fsynced and then renamed, so a reader
+never sees a half-written file and an existing file is never left truncated.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+IMAGE_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha")
+
+
+class ImageError(ValueError):
+    """An image or label that cannot be used, with a message that says why."""
+
+
+@dataclass
+class Geometry:
+    """Physical placement of a voxel grid: spacing (x, y, z) in mm, origin in mm (LPS), 3×3 direction (row-major)."""
+
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+    def matches(self, other: "Geometry", tol: float = 1e-4) -> bool:
+        return (
+            np.allclose(self.spacing, other.spacing, atol=tol)
+            and np.allclose(self.origin, other.origin, atol=tol * 100)
+            and np.allclose(self.direction, other.direction, atol=tol)
+        )
+
+    def to_dict(self) -> dict:
+        return {"spacing": list(self.spacing), "origin": list(self.origin), "direction": list(self.direction)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Geometry":
+        return cls(tuple(d["spacing"]), tuple(d["origin"]), tuple(d["direction"]))
+
+
+@dataclass
+class Volume:
+    """A 3D array (z, y, x) with its geometry."""
+
+    array: np.ndarray
+    geometry: Geometry = field(default_factory=lambda: Geometry((1.0, 1.0, 1.0)))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.array.shape)  # type: ignore[return-value]
+
+    def to_sitk(self) -> sitk.Image:
+        img = sitk.GetImageFromArray(np.ascontiguousarray(self.array))
+        img.SetSpacing([float(s) for s in self.geometry.spacing])
+        img.SetOrigin([float(o) for o in self.geometry.origin])
+        img.SetDirection([float(d) for d in self.geometry.direction])
+        return img
+
+    @classmethod
+    def from_sitk(cls, img: sitk.Image) -> "Volume":
+        return cls(
+            sitk.GetArrayFromImage(img),
+            Geometry(tuple(img.GetSpacing()), tuple(img.GetOrigin()), tuple(img.GetDirection())),
+        )
+
+    def like(self, array: np.ndarray) -> "Volume":
+        """A new volume with this one's geometry and another array of the same shape."""
+        if tuple(array.shape) != self.shape:
+            raise ImageError(f"array shape {tuple(array.shape)} does not match the volume shape {self.shape}")
+        return Volume(array, self.geometry)
+
+
+def read_volume(path: str | os.PathLike, *, max_spacing_mm: float = 50.0) -> Volume:
+    """Read a 3D image; raise `ImageError` naming the file and the problem when it cannot be used."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"{path}: no such file")
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise ImageError(f"{path}: not a readable image ({str(exc).strip().splitlines()[-1][:200]})") from None
+    if img.GetDimension() != 3:
+        raise ImageError(f"{path}: expected a 3D image, got {img.GetDimension()}D")
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise ImageError(f"{path}: expected one scalar component per voxel, got {img.GetNumberOfComponentsPerPixel()}")
+    spacing = img.GetSpacing()
+    if not all(np.isfinite(s) and 0 < s <= max_spacing_mm for s in spacing):
+        raise ImageError(f"{path}: implausible voxel spacing {tuple(round(s, 4) for s in spacing)} mm")
+    if min(img.GetSize()) < 2:
+        raise ImageError(f"{path}: degenerate size {img.GetSize()}")
+    return Volume.from_sitk(img)
+
+
+def read_label(path: str | os.PathLike, image: Volume | None = None) -> Volume:
+    """Read a label map; with `image`, check that its grid matches the image's exactly."""
+    label = read_volume(path)
+    arr = label.array
+    if not np.issubdtype(arr.dtype, np.integer):
+        if not np.all(np.isfinite(arr)) or not np.allclose(arr, np.round(arr)):
+            raise ImageError(f"{path}: a label map must hold integer values")
+    label.array = arr.astype(np.uint8)
+    if image is not None:
+        check_same_grid(image, label, what=str(path))
+    return label
+
+
+def check_same_grid(image: Volume, label: Volume, what: str = "label") -> None:
+    if image.shape != label.shape:
+        raise ImageError(f"{what}: size {label.shape[::-1]} does not match the image size {image.shape[::-1]} (x, y, z)")
+    if not image.geometry.matches(label.geometry):
+        raise ImageError(
+            f"{what}: geometry does not match the image "
+            f"(spacing {tuple(np.round(label.geometry.spacing, 4))} vs {tuple(np.round(image.geometry.spacing, 4))}, "
+            f"origin {tuple(np.round(label.geometry.origin, 3))} vs {tuple(np.round(image.geometry.origin, 3))})"
+        )
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, overwrite: bool = True) -> Path:
+    """Write bytes to `path` through a fsynced temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not overwrite and path.exists():
+        raise FileExistsError(f"{path} exists and is immutable")
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.name, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        _commit_tmp(Path(tmp), path, overwrite)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _commit_tmp(tmp: Path, path: Path, overwrite: bool) -> None:
+    if overwrite:
+        os.replace(tmp, path)
+    else:
+        # link() fails if the target exists, so two writers can never both "create" the same revision.
+        os.link(tmp, path)
+        tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+def write_volume(volume: Volume, path: str | os.PathLike, *, overwrite: bool = True, compress: bool = True) -> Path:
+    """Write a volume atomically (temp file in the same folder, fsync, rename). Suffix picks the format."""
+    path = Path(path)
+    if not str(path).endswith(IMAGE_SUFFIXES):
+        raise ImageError(f"{path}: unsupported suffix; use one of {', '.join(IMAGE_SUFFIXES)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not overwrite and path.exists():
+        raise FileExistsError(f"{path} exists and is immutable")
+    suffix = ".nii.gz" if str(path).endswith(".nii.gz") else path.suffix
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        sitk.WriteImage(volume.to_sitk(), tmp, useCompression=compress)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        _commit_tmp(Path(tmp), path, overwrite)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def strip_suffix(name: str) -> str:
+    for s in IMAGE_SUFFIXES:
+        if name.endswith(s):
+            return name[: -len(s)]
+    return name

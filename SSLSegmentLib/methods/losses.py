@@ -1,0 +1,108 @@
+"""Loss pieces shared by the methods. All take a voxel mask so they work on full, partial and pseudo labels.
+
+Shapes: logits/probs (B, C, D, H, W); target (B, 1, D, H, W) long; mask (B, 1, D, H, W) float in [0, 1].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+EPS = 1e-5
+
+
+def sigmoid_rampup(step: float, length: float) -> float:
+    """r(t; L) = exp(-5 (1 - min(t, L)/L)^2), the ramp used by the mean-teacher family; 1 when L is 0."""
+    if length <= 0:
+        return 1.0
+    phase = 1.0 - min(max(step, 0.0), length) / length
+    return float(math.exp(-5.0 * phase * phase))
+
+
+def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Σ mask·CE / Σ mask (0 when the mask is empty)."""
+    ce = F.cross_entropy(logits, target[:, 0].long(), reduction="none").unsqueeze(1)
+    return (ce * mask).sum() / mask.sum().clamp_min(EPS)
+
+
+def masked_dice_loss(probs: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, smooth: float = EPS) -> torch.Tensor:
+    """Soft Dice with squared denominators (UA-MT style) on the foreground classes, restricted to `mask`.
+
+    1 − (2Σ m·p·y + s)/(Σ m·p² + Σ m·y + s), averaged over classes 1..C−1; pooled over the batch.
+    Returns 0 when the mask is empty.
+    """
+    if mask.sum() <= 0:
+        return probs.sum() * 0.0
+    onehot = F.one_hot(target[:, 0].long().clamp(0, probs.shape[1] - 1), probs.shape[1]).movedim(-1, 1).float()
+    losses = []
+    for c in range(1, probs.shape[1]):
+        p, y = probs[:, c : c + 1] * mask, onehot[:, c : c + 1] * mask
+        inter = (p * y).sum()
+        losses.append(1.0 - (2.0 * inter + smooth) / ((p * p).sum() + y.sum() + smooth))
+    return torch.stack(losses).mean()
+
+
+def supervised_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """0.5·(CE + Dice) on the masked voxels: the common supervised loss of the LA codebases."""
+    return 0.5 * (masked_cross_entropy(logits, target, mask) + masked_dice_loss(logits.softmax(1), target, mask))
+
+
+def normalized_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """−Σ_c p_c log p_c / log C, in [0, 1]: (B, C, ...) → (B, 1, ...)."""
+    c = probs.shape[1]
+    return -(probs * torch.log(probs.clamp_min(1e-8))).sum(1, keepdim=True) / math.log(c)
+
+
+def masked_mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Σ mask·‖a−b‖² / (C·Σ mask): squared error per voxel averaged over channels and masked voxels."""
+    return (((a - b) ** 2) * mask).sum() / (a.shape[1] * mask.sum()).clamp_min(EPS)
+
+
+def input_noise(x: torch.Tensor, generator: torch.Generator | None = None, sd: float = 0.1, clip: float = 0.2) -> torch.Tensor:
+    """ε = clip(N(0, sd²), ±clip), the teacher's input perturbation in UA-MT and its descendants."""
+    noise = torch.randn(x.shape, generator=generator, device="cpu" if generator is None else generator.device)
+    return x + (noise.to(x.device) * sd).clamp(-clip, clip)
+
+
+def enable_mc_dropout(model: torch.nn.Module) -> None:
+    """Eval mode (BatchNorm uses its running statistics) with dropout layers sampling: MC dropout."""
+    model.eval()
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Dropout, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout)):
+            m.train()
+
+
+@torch.no_grad()
+def teacher_probabilities(
+    teacher: torch.nn.Module,
+    image: torch.Tensor,
+    passes: int = 1,
+    noise: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Mean teacher softmax over `passes` stochastic passes (noise + MC dropout when passes > 1): (B, C, ...).
+
+    With head-only dropout the trunk runs once per input noise draw and the head `passes` times.
+    """
+    if passes < 1:
+        raise ValueError(f"passes must be >= 1, got {passes}")
+    if passes == 1:
+        teacher.eval()
+        x = input_noise(image, generator) if noise else image
+        return teacher(x)["logits"].softmax(1)
+    enable_mc_dropout(teacher)
+    net = getattr(teacher, "module", teacher)
+    total = None
+    if getattr(net, "head_only_dropout", False):
+        feats = net.features(input_noise(image, generator) if noise else image)
+        for _ in range(passes):
+            p = net.head(feats).softmax(1)
+            total = p if total is None else total + p
+    else:
+        for _ in range(passes):
+            p = net(input_noise(image, generator) if noise else image)["logits"].softmax(1)
+            total = p if total is None else total + p
+    teacher.eval()
+    return total / passes

@@ -1,0 +1,141 @@
+"""One network shape for every method: a MONAI trunk emitting F feature channels, then small heads.
+
+    image (B, 1, D, H, W) ─ trunk (UNet or VNet) ─ features (B, F, D, H, W)
+                                                   ├─ seg head:      Dropout3d(p) → 1×1 conv → logits (B, C, D, H, W)
+                                                   └─ level-set head (optional): 1×1 conv → tanh → φ (B, C-1, D, H, W)
+
+Dropout confined to the seg head ("head" placement) lets uncertainty run the deterministic trunk once and only the
+head T times. "trunk" placement uses MONAI's own per-block dropout instead (the VNet paper protocol); "both" does both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+DROPOUT_PLACEMENTS = ("head", "trunk", "both", "none")
+
+
+@dataclass
+class NetworkConfig:
+    """What network to build.
+
+    arch: "unet" (CPU default, MONAI UNet) or "vnet" (paper protocol, MONAI VNet; sizes must be multiples of 16).
+    channels/strides: UNet levels. features: F, channels out of the trunk. num_classes: C (softmax, background incl.).
+    dropout: probability; dropout_placement: one of head / trunk / both / none.
+    levelset_head: add the tanh level-set head (UG-MCL).
+    """
+
+    arch: str = "unet"
+    in_channels: int = 1
+    num_classes: int = 2
+    features: int = 16
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    strides: tuple[int, ...] = (2, 2, 2)
+    num_res_units: int = 1
+    norm: str = "batch"
+    dropout: float = 0.5
+    dropout_placement: str = "head"
+    levelset_head: bool = False
+
+    def __post_init__(self) -> None:
+        if self.arch not in ("unet", "vnet"):
+            raise ValueError(f"arch must be 'unet' or 'vnet', got {self.arch!r}")
+        if self.dropout_placement not in DROPOUT_PLACEMENTS:
+            raise ValueError(f"dropout_placement must be one of {DROPOUT_PLACEMENTS}, got {self.dropout_placement!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.num_classes < 2:
+            raise ValueError("num_classes counts the background too; it must be at least 2")
+        self.channels = tuple(self.channels)
+        self.strides = tuple(self.strides)
+        if self.arch == "unet" and len(self.strides) != len(self.channels) - 1:
+            raise ValueError(f"UNet needs len(strides) == len(channels) - 1, got {self.strides} for {self.channels}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["channels"], d["strides"] = list(self.channels), list(self.strides)
+        return d
+
+    @property
+    def size_multiple(self) -> int:
+        """Spatial sizes the trunk accepts must be multiples of this."""
+        if self.arch == "vnet":
+            return 16
+        m = 1
+        for s in self.strides:
+            m *= s
+        return m
+
+
+class SegNet(nn.Module):
+    """Trunk + heads. `forward` returns a dict: logits (B, C, ...), features (B, F, ...), and levelset if enabled."""
+
+    def __init__(self, config: NetworkConfig):
+        super().__init__()
+        self.config = config
+        trunk_dropout = config.dropout if config.dropout_placement in ("trunk", "both") else 0.0
+        head_dropout = config.dropout if config.dropout_placement in ("head", "both") else 0.0
+        if config.arch == "unet":
+            from monai.networks.nets import UNet
+
+            self.trunk = UNet(
+                spatial_dims=3,
+                in_channels=config.in_channels,
+                out_channels=config.features,
+                channels=config.channels,
+                strides=config.strides,
+                num_res_units=config.num_res_units,
+                norm=config.norm,
+                dropout=trunk_dropout,
+            )
+        else:
+            from monai.networks.nets import VNet
+
+            self.trunk = VNet(
+                spatial_dims=3,
+                in_channels=config.in_channels,
+                out_channels=config.features,
+                dropout_prob=trunk_dropout or None,
+                dropout_prob_down=trunk_dropout or None,
+                dropout_prob_up=(trunk_dropout or None, trunk_dropout),
+            )
+        # Features go through a non-linearity so the head is more than a linear read-out of the trunk's last conv.
+        self.feature_act = nn.PReLU(config.features)
+        self.head_dropout = nn.Dropout3d(head_dropout) if head_dropout > 0 else nn.Identity()
+        self.seg_head = nn.Conv3d(config.features, config.num_classes, kernel_size=1)
+        self.levelset = nn.Conv3d(config.features, config.num_classes - 1, kernel_size=1) if config.levelset_head else None
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Deterministic trunk (B, in, D, H, W) → (B, F, D, H, W) when dropout is head-only."""
+        return self.feature_act(self.trunk(x))
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        """Segmentation head (stochastic in train mode when dropout is in the head): (B, F, ...) → logits (B, C, ...)."""
+        return self.seg_head(self.head_dropout(features))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        f = self.features(x)
+        out = {"logits": self.head(f), "features": f}
+        if self.levelset is not None:
+            out["levelset"] = torch.tanh(self.levelset(f))
+        return out
+
+    @property
+    def head_only_dropout(self) -> bool:
+        return self.config.dropout_placement == "head" and self.config.dropout > 0
+
+
+def build_network(config: NetworkConfig | dict | None = None, **overrides) -> SegNet:
+    if config is None:
+        config = NetworkConfig(**overrides)
+    elif isinstance(config, dict):
+        config = NetworkConfig(**{**config, **overrides})
+    elif overrides:
+        config = NetworkConfig(**{**config.to_dict(), **overrides})
+    return SegNet(config)
+
+
+__all__ = ["NetworkConfig", "SegNet", "build_network", "DROPOUT_PLACEMENTS"]
