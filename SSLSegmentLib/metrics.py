@@ -1,7 +1,9 @@
 """Per-case overlap and surface metrics on binary masks, in voxels and in mm (MONAI's implementations).
 
-HD95 and ASD follow the LA papers' definitions: HD95 is the 95th percentile of the symmetric surface distances,
-ASD the mean of both directed average surface distances. An empty prediction or ground truth has undefined surface
+Definitions (MONAI's): HD95 is the larger of the two directed 95th-percentile surface distances (prediction → truth,
+truth → prediction); ASD is the mean over both sets of surface distances (symmetric). medpy, used by the LA papers,
+pools both directions before the percentile for HD95 and reports the directed prediction → truth mean as ASD, so
+published surface numbers can differ from these by a fraction of a voxel; Dice and Jaccard are identical. An empty prediction or ground truth has undefined surface
 distances; they are reported as NaN (and counted, not hidden, in summaries).
 """
 

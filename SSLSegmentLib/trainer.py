@@ -314,7 +314,7 @@ class Trainer:
             "data": self.data_snapshot,
             "metrics": metrics,
             "history": self.history,
-            "versions": {"torch": torch.__version__},
+            "versions": {"torch": str(torch.__version__)},
         }
 
     def save(self, name: str, metrics: dict) -> Path | None:
