@@ -8,6 +8,8 @@ import sys
 
 COMMAND_MODULES = [
     "training.commands.core",
+    "training.commands.demo",
+    "training.commands.backend",
 ]
 
 

@@ -1,0 +1,1188 @@
+"""The backend's datastore: files in a MONAI-Label-like layout plus an SQLite index (WAL mode).
+
+    DIR/<case_id>.<ext>                                   images
+    DIR/labels/final/<case_id>.nrrd, <case_id>@<n>.nrrd   final label revisions (first, then later ones)
+    DIR/labels/original/<case_id>.nrrd                    imported pre-labels
+    DIR/labels/corrections/<author>/<case_id>/r<n>/       correction revisions (label, reviewed mask, uncertainty shown)
+    DIR/models/<version>/                                 immutable model versions (model.pt, version.json)
+    DIR/inference/<case_id>/<inference_id>/               cached inference outputs
+    DIR/jobs/<job_id>/                                    job scratch space
+    DIR/.sslsegment/index.sqlite, token                   the index and the bearer token (0600)
+
+Invariants (see docs/backend.md): revisions and versions are never overwritten; every file is written to a temporary
+name, fsynced and renamed (folders as a whole) before its index row commits; a case's split is assigned once at
+registration and never redrawn; ids are validated before they become part of a path.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import sqlite3
+import tempfile
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from SSLSegmentLib.data.dataset import Sample, validate_case_id
+from SSLSegmentLib.data.imageio import (
+    IMAGE_SUFFIXES,
+    Geometry,
+    ImageError,
+    Volume,
+    _fsync_dir,
+    read_label,
+    read_volume,
+    strip_suffix,
+    write_volume,
+)
+
+SCHEMA_VERSION = 1
+INDEX_DIR = ".sslsegment"
+SPLITS = ("train", "val", "test")
+LABEL_KINDS = ("final", "correction", "original")
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+FINISHED_STATES = ("succeeded", "failed", "cancelled")
+AUTHOR_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+VERSION_RE = re.compile(r"^v[0-9]{4,9}$")
+JOB_ID_RE = re.compile(r"^[0-9a-f]{12}$")
+INFERENCE_ID_RE = re.compile(r"^[0-9a-f]{16}$")
+
+DEFAULT_SETTINGS = {
+    # Retrain automatically after this many new corrections (0 = manual only).
+    "retrain_every": 0,
+    # A new version is promoted if its validation Dice is at least the parent's minus this.
+    "tolerance": 0.02,
+    # How long GET /cases/next holds a case for one annotator.
+    "lease_s": 900.0,
+    "max_upload_mb": 512.0,
+    "num_classes": 2,
+    # Defaults of POST /train; request parameters override them.
+    "train": {
+        "method": "brl",
+        "iterations": 300,
+        "lr": 0.01,
+        "batch_labeled": 2,
+        "batch_unlabeled": 2,
+        "val_interval": 50,
+        "seed": 0,
+        "device": "auto",
+        "nproc": 1,
+    },
+    # Defaults of POST /cases/{id}/infer.
+    "infer": {"passes": 8, "threshold": 0.5, "min_voxels": 8, "max_regions": 50, "uncertainty": "entropy"},
+    # MC-dropout passes of the scoring pass that ranks cases after each promotion (0 = no scoring pass).
+    "score_passes": 4,
+}
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS cases (
+    case_id TEXT PRIMARY KEY,
+    split TEXT NOT NULL CHECK (split IN ('train', 'val', 'test')),
+    image TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    shape TEXT NOT NULL,
+    geometry TEXT NOT NULL,
+    created REAL NOT NULL,
+    score REAL, score_sum REAL, score_model TEXT, score_time REAL
+);
+CREATE TABLE IF NOT EXISTS labels (
+    revision INTEGER PRIMARY KEY AUTOINCREMENT,
+    case_id TEXT NOT NULL REFERENCES cases(case_id),
+    kind TEXT NOT NULL CHECK (kind IN ('final', 'correction', 'original')),
+    author TEXT NOT NULL,
+    model_version TEXT,
+    created REAL NOT NULL,
+    path TEXT NOT NULL,
+    reviewed_mask TEXT,
+    uncertainty TEXT,
+    reviewed_voxels INTEGER NOT NULL,
+    foreground_voxels INTEGER NOT NULL,
+    submission_id TEXT UNIQUE,
+    sha256 TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS labels_case ON labels(case_id, revision);
+CREATE TABLE IF NOT EXISTS leases (case_id TEXT PRIMARY KEY, annotator TEXT NOT NULL, expires REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
+    params TEXT NOT NULL,
+    trigger TEXT NOT NULL,
+    created REAL NOT NULL, started REAL, finished REAL, heartbeat REAL,
+    worker TEXT, host TEXT, pid INTEGER,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    progress TEXT, history TEXT, result TEXT, error TEXT,
+    corrections_seen INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, created);
+CREATE TABLE IF NOT EXISTS models (
+    version TEXT PRIMARY KEY,
+    created REAL NOT NULL,
+    job_id TEXT,
+    parent TEXT,
+    method TEXT,
+    path TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    metrics TEXT NOT NULL,
+    trained_on TEXT NOT NULL,
+    promoted INTEGER NOT NULL DEFAULT 0,
+    decision TEXT
+);
+CREATE TABLE IF NOT EXISTS promotions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, version TEXT NOT NULL, previous TEXT, at REAL NOT NULL, reason TEXT
+);
+CREATE TABLE IF NOT EXISTS inferences (
+    inference_id TEXT PRIMARY KEY,
+    case_id TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    passes INTEGER NOT NULL,
+    created REAL NOT NULL,
+    path TEXT NOT NULL,
+    uncertainty_mean REAL, uncertainty_sum REAL
+);
+"""
+
+
+class DatastoreError(RuntimeError):
+    """Base class of the datastore's user-facing errors."""
+
+
+class NotFound(DatastoreError, KeyError):
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class Conflict(DatastoreError, ValueError):
+    """The request conflicts with what is stored (an id taken by different content, ...)."""
+
+
+class InvalidInput(DatastoreError, ValueError):
+    """A value or file that cannot be stored, with a message that says why."""
+
+
+def iso(t: float | None) -> str | None:
+    return None if t is None else datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds")
+
+
+def validate_author(author: str) -> str:
+    if not isinstance(author, str) or not AUTHOR_RE.match(author) or ".." in author:
+        raise InvalidInput(f"invalid author {author!r}: use letters, digits, '_', '-', '.' (max 64, no '..')")
+    return author
+
+
+def validate_version(version: str) -> str:
+    if not isinstance(version, str) or not VERSION_RE.match(version):
+        raise InvalidInput(f"invalid model version {version!r}: expected v followed by digits, e.g. v0003")
+    return version
+
+
+def checked_case_id(case_id: str) -> str:
+    try:
+        return validate_case_id(case_id)
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from None
+
+
+def image_suffix(filename: str) -> str:
+    """The allowed image suffix of an upload's file name, or InvalidInput."""
+    name = (filename or "").lower()
+    for s in IMAGE_SUFFIXES:
+        if name.endswith(s):
+            return s
+    raise InvalidInput(f"unsupported file type {filename!r}: upload one of {', '.join(IMAGE_SUFFIXES)}")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def hash_split(case_id: str, seed: str, ratios: tuple[float, float, float]) -> str:
+    """Deterministic split from sha256(seed:case_id): the same id always lands in the same split."""
+    u = int(hashlib.sha256(f"{seed}:{case_id}".encode()).hexdigest()[:12], 16) / float(16**12)
+    if u < ratios[0]:
+        return "train"
+    if u < ratios[0] + ratios[1]:
+        return "val"
+    return "test"
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+@dataclass
+class CaseGrid:
+    """Shape (z, y, x) and geometry of a registered image, kept in the index so labels are checked without reading it."""
+
+    shape: tuple[int, int, int]
+    geometry: Geometry
+
+    def check(self, vol: Volume, what: str) -> None:
+        if vol.shape != self.shape:
+            raise InvalidInput(
+                f"{what}: size {vol.shape[::-1]} does not match the image size {self.shape[::-1]} (x, y, z)"
+            )
+        if not self.geometry.matches(vol.geometry):
+            g, h = vol.geometry, self.geometry
+            raise InvalidInput(
+                f"{what}: geometry does not match the image (spacing {tuple(np.round(g.spacing, 4))} vs "
+                f"{tuple(np.round(h.spacing, 4))}, origin {tuple(np.round(g.origin, 3))} vs {tuple(np.round(h.origin, 3))}, "
+                f"direction {'same' if np.allclose(g.direction, h.direction, atol=1e-4) else 'different'})"
+            )
+
+
+class Datastore:
+    """One datastore folder. Thread-safe: each thread gets its own SQLite connection."""
+
+    def __init__(self, root: str | os.PathLike, create: bool = False, split_ratios=(0.8, 0.2, 0.0),
+                 split_seed: str | None = None):
+        self.root = Path(root).resolve()
+        self.index_dir = self.root / INDEX_DIR
+        self.index_path = self.index_dir / "index.sqlite"
+        if not self.index_path.is_file():
+            if not create:
+                raise FileNotFoundError(
+                    f"{self.root} is not an SSLSegment datastore (no {INDEX_DIR}/index.sqlite); "
+                    f"create one with `sslsegment import-datastore` or `sslsegment serve --datastore {self.root}`"
+                )
+            ratios = tuple(float(r) for r in split_ratios)
+            if len(ratios) != 3 or min(ratios) < 0 or abs(sum(ratios) - 1.0) > 1e-6:
+                raise InvalidInput(f"split ratios must be three non-negative numbers summing to 1, got {split_ratios}")
+            self.index_dir.mkdir(parents=True, exist_ok=True)
+            os.chmod(self.index_dir, 0o700)
+        self._local = threading.local()
+        self.db.executescript(_SCHEMA)
+        with self._tx() as db:
+            if self._meta_get(db, "schema_version") is None:
+                self._meta_set(db, "schema_version", SCHEMA_VERSION)
+                self._meta_set(db, "split_seed", split_seed or secrets.token_hex(8))
+                self._meta_set(db, "split_ratios", list(split_ratios))
+                self._meta_set(db, "settings", DEFAULT_SETTINGS)
+                self._meta_set(db, "current_model", None)
+                self._meta_set(db, "created", time.time())
+        for sub in ("labels/final", "labels/original", "labels/corrections", "models", "inference", "jobs"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    # -- SQLite plumbing ------------------------------------------------------------------------------------
+    @property
+    def db(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.index_path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA busy_timeout=30000")
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def _tx(self):
+        """A write transaction taken up front (BEGIN IMMEDIATE), so read-then-write sequences are atomic."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        else:
+            db.execute("COMMIT")
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    @staticmethod
+    def _meta_get(db, key: str, default=None):
+        row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return default if row is None else json.loads(row["value"])
+
+    @staticmethod
+    def _meta_set(db, key: str, value) -> None:
+        db.execute("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                   (key, json.dumps(value)))
+
+    def rel(self, path: Path) -> str:
+        return str(Path(path).relative_to(self.root))
+
+    def abs(self, rel: str) -> Path:
+        p = (self.root / rel).resolve()
+        if self.root not in p.parents:
+            raise InvalidInput(f"indexed path {rel!r} leaves the datastore")
+        return p
+
+    # -- settings and token ---------------------------------------------------------------------------------
+    @property
+    def settings(self) -> dict:
+        return _merge(DEFAULT_SETTINGS, self._meta_get(self.db, "settings", {}))
+
+    def update_settings(self, changes: dict) -> dict:
+        unknown = [k for k in changes if k not in DEFAULT_SETTINGS]
+        if unknown:
+            raise InvalidInput(f"unknown setting(s) {unknown}; known: {sorted(DEFAULT_SETTINGS)}")
+        with self._tx() as db:
+            merged = _merge(_merge(DEFAULT_SETTINGS, self._meta_get(db, "settings", {})), changes)
+            self._meta_set(db, "settings", merged)
+        return merged
+
+    @property
+    def split_seed(self) -> str:
+        return self._meta_get(self.db, "split_seed")
+
+    @property
+    def split_ratios(self) -> tuple[float, float, float]:
+        return tuple(self._meta_get(self.db, "split_ratios"))
+
+    @property
+    def token_path(self) -> Path:
+        return self.index_dir / "token"
+
+    def ensure_token(self) -> tuple[str, bool]:
+        """The bearer token; generated (0600) on first use. Returns (token, created_now)."""
+        path = self.token_path
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return path.read_text().strip(), False
+        token = secrets.token_urlsafe(32)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(token + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        return token, True
+
+    # -- cases ----------------------------------------------------------------------------------------------
+    def register_image(self, source: str | os.PathLike, case_id: str | None = None, split: str | None = None,
+                       filename: str | None = None, move: bool = False) -> tuple[dict, bool]:
+        """Register an image file; returns (case, created). The file is validated (readable, 3D, sane spacing).
+
+        case_id None: derived from the content ("case-" + sha256 prefix), so re-sending the same image is a no-op.
+        split None: assigned from the hash of the id (fixed forever). move: the source is a temp file we may consume.
+        """
+        source = Path(source)
+        suffix = image_suffix(filename or source.name)
+        try:
+            vol = read_volume(source)
+        except ImageError as exc:
+            raise InvalidInput(str(exc).replace(str(source), filename or source.name)) from None
+        digest = sha256_file(source)
+        case_id = checked_case_id(case_id if case_id else f"case-{digest[:12]}")
+        if split is not None and split not in SPLITS:
+            raise InvalidInput(f"split must be one of {SPLITS}, got {split!r}")
+        existing = self.db.execute("SELECT * FROM cases WHERE case_id = ?", (case_id,)).fetchone()
+        if existing is not None:
+            if existing["sha256"] == digest:
+                return self.case(case_id), False
+            raise Conflict(f"case id {case_id!r} is already registered with a different image")
+        dest = self.root / f"{case_id}{suffix}"
+        other = [p for p in (self.root / f"{case_id}{s}" for s in IMAGE_SUFFIXES) if p.exists()]
+        if other and other[0] != dest:
+            raise Conflict(f"an image file for {case_id!r} already exists ({other[0].name})")
+        if not dest.exists():
+            self._place_file(source, dest, move=move)
+        elif sha256_file(dest) != digest:
+            raise Conflict(f"{dest.name} exists with different content but is not indexed; run datastore-check")
+        split = split or hash_split(case_id, self.split_seed, self.split_ratios)
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM cases WHERE case_id = ?", (case_id,)).fetchone():
+                return self.case(case_id), False  # a concurrent identical upload won
+            db.execute(
+                "INSERT INTO cases(case_id, split, image, sha256, shape, geometry, created) VALUES (?,?,?,?,?,?,?)",
+                (case_id, split, dest.name, digest, json.dumps(list(vol.shape)), json.dumps(vol.geometry.to_dict()),
+                 time.time()),
+            )
+        return self.case(case_id), True
+
+    def _place_file(self, source: Path, dest: Path, move: bool) -> None:
+        """Put a file at `dest` atomically and never over an existing one (link fails if it exists)."""
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=dest.name, dir=dest.parent)
+        os.close(fd)
+        try:
+            if move:
+                os.replace(source, tmp)
+            else:
+                shutil.copyfile(source, tmp)
+            _fsync_file(Path(tmp))
+            os.link(tmp, dest)
+            _fsync_dir(dest.parent)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    def _case_row(self, case_id: str) -> sqlite3.Row:
+        checked_case_id(case_id)
+        row = self.db.execute("SELECT * FROM cases WHERE case_id = ?", (case_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"unknown case {case_id!r}")
+        return row
+
+    def grid(self, case_id: str) -> CaseGrid:
+        row = self._case_row(case_id)
+        return CaseGrid(tuple(json.loads(row["shape"])), Geometry.from_dict(json.loads(row["geometry"])))
+
+    def image_path(self, case_id: str) -> Path:
+        return self.abs(self._case_row(case_id)["image"])
+
+    def load_image(self, case_id: str) -> Volume:
+        return read_volume(self.image_path(case_id))
+
+    def _case_dict(self, row: sqlite3.Row, counts: dict, leases: dict, now: float) -> dict:
+        c = counts.get(row["case_id"], {})
+        lease = leases.get(row["case_id"])
+        geometry = json.loads(row["geometry"])
+        return {
+            "case_id": row["case_id"],
+            "split": row["split"],
+            "image": row["image"],
+            "shape": json.loads(row["shape"]),
+            "spacing": geometry["spacing"],
+            "created": iso(row["created"]),
+            "labeled": bool(c.get("final", 0)),
+            "n_corrections": c.get("correction", 0),
+            "n_revisions": sum(v for k, v in c.items() if k != "original"),
+            "score": row["score"],
+            "score_sum": row["score_sum"],
+            "score_model_version": row["score_model"],
+            "lease": ({"annotator": lease[0], "expires": iso(lease[1])} if lease and lease[1] > now else None),
+        }
+
+    def _counts(self, case_id: str | None = None) -> dict:
+        q = "SELECT case_id, kind, COUNT(*) AS n FROM labels"
+        rows = self.db.execute(q + (" WHERE case_id = ?" if case_id else "") + " GROUP BY case_id, kind",
+                               (case_id,) if case_id else ()).fetchall()
+        out: dict = {}
+        for r in rows:
+            out.setdefault(r["case_id"], {})[r["kind"]] = r["n"]
+        return out
+
+    def _leases(self) -> dict:
+        return {r["case_id"]: (r["annotator"], r["expires"]) for r in self.db.execute("SELECT * FROM leases")}
+
+    def case(self, case_id: str) -> dict:
+        row = self._case_row(case_id)
+        return self._case_dict(row, self._counts(case_id), self._leases(), time.time())
+
+    def cases(self, split: str | None = None) -> list[dict]:
+        if split is not None and split not in SPLITS:
+            raise InvalidInput(f"split must be one of {SPLITS}, got {split!r}")
+        rows = self.db.execute(
+            "SELECT * FROM cases" + (" WHERE split = ?" if split else "") + " ORDER BY case_id", (split,) if split else ()
+        ).fetchall()
+        counts, leases, now = self._counts(), self._leases(), time.time()
+        return [self._case_dict(r, counts, leases, now) for r in rows]
+
+    def set_score(self, case_id: str, mean: float, total: float, model_version: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE cases SET score = ?, score_sum = ?, score_model = ?, score_time = ? WHERE case_id = ?",
+                       (float(mean), float(total), model_version, time.time(), case_id))
+
+    def unreviewed(self, split: str = "train") -> list[str]:
+        """Cases of a split with no final label and no correction yet (what active learning serves)."""
+        rows = self.db.execute(
+            "SELECT case_id FROM cases WHERE split = ? AND case_id NOT IN "
+            "(SELECT case_id FROM labels WHERE kind IN ('final', 'correction')) ORDER BY case_id", (split,)
+        ).fetchall()
+        return [r["case_id"] for r in rows]
+
+    def next_case(self, strategy: str = "uncertainty", annotator: str = "anonymous", split: str = "train",
+                  rng: np.random.Generator | None = None) -> dict | None:
+        """Pick the next case for `annotator` and lease it; None when nothing is left.
+
+        uncertainty / uncertainty_sum: highest mean / summed uncertainty first, unscored cases last (by id).
+        random: uniform among the candidates. Cases leased by another annotator (unexpired) are skipped.
+        """
+        if strategy not in ("uncertainty", "uncertainty_sum", "random"):
+            raise InvalidInput(f"strategy must be uncertainty, uncertainty_sum or random; got {strategy!r}")
+        validate_author(annotator)
+        if split not in SPLITS:
+            raise InvalidInput(f"split must be one of {SPLITS}, got {split!r}")
+        lease_s = float(self.settings["lease_s"])
+        with self._tx() as db:
+            now = time.time()
+            rows = db.execute(
+                "SELECT c.case_id, c.score, c.score_sum FROM cases c LEFT JOIN leases l ON l.case_id = c.case_id "
+                "WHERE c.split = ? AND c.case_id NOT IN (SELECT case_id FROM labels WHERE kind IN ('final', 'correction')) "
+                "AND (l.case_id IS NULL OR l.expires <= ? OR l.annotator = ?)",
+                (split, now, annotator),
+            ).fetchall()
+            if not rows:
+                return None
+            if strategy == "random":
+                rng = rng or np.random.default_rng()
+                pick = rows[int(rng.integers(len(rows)))]["case_id"]
+            else:
+                key = "score" if strategy == "uncertainty" else "score_sum"
+                scored = sorted((r for r in rows if r[key] is not None), key=lambda r: (-r[key], r["case_id"]))
+                unscored = sorted((r for r in rows if r[key] is None), key=lambda r: r["case_id"])
+                pick = (scored + unscored)[0]["case_id"]
+            db.execute(
+                "INSERT INTO leases(case_id, annotator, expires) VALUES (?, ?, ?) ON CONFLICT(case_id) DO UPDATE SET "
+                "annotator = excluded.annotator, expires = excluded.expires", (pick, annotator, now + lease_s))
+        out = self.case(pick)
+        out["strategy"] = strategy
+        out["lease_expires"] = out["lease"]["expires"] if out["lease"] else None
+        return out
+
+    def release_lease(self, case_id: str, annotator: str | None = None) -> bool:
+        checked_case_id(case_id)
+        with self._tx() as db:
+            if annotator is None:
+                cur = db.execute("DELETE FROM leases WHERE case_id = ?", (case_id,))
+            else:
+                cur = db.execute("DELETE FROM leases WHERE case_id = ? AND annotator = ?", (case_id, annotator))
+            return cur.rowcount > 0
+
+    # -- labels ---------------------------------------------------------------------------------------------
+    def read_label_upload(self, case_id: str, path: Path, what: str) -> Volume:
+        """Read an uploaded label or mask and check it against the case's grid and the class count."""
+        grid = self.grid(case_id)
+        try:
+            vol = read_label(path)
+        except ImageError as exc:
+            raise InvalidInput(str(exc).replace(str(path), what)) from None
+        grid.check(vol, what)
+        return vol
+
+    def add_label(self, case_id: str, label: Volume, kind: str = "final", author: str = "anonymous",
+                  reviewed_mask: Volume | None = None, model_version: str | None = None,
+                  inference_id: str | None = None, submission_id: str | None = None) -> tuple[dict, bool]:
+        """Store one immutable label revision; returns (revision, created). A repeated submission_id returns the
+        revision stored the first time."""
+        checked_case_id(case_id)
+        if kind not in LABEL_KINDS:
+            raise InvalidInput(f"kind must be one of {LABEL_KINDS}, got {kind!r}")
+        validate_author(author)
+        if model_version is not None and model_version != "":
+            validate_version(model_version)
+        else:
+            model_version = None
+        if submission_id is not None and not re.fullmatch(r"[A-Za-z0-9_-]{8,64}", submission_id):
+            raise InvalidInput("submission_id must be 8-64 letters, digits, '_' or '-'")
+        if submission_id:
+            row = self.db.execute("SELECT * FROM labels WHERE submission_id = ?", (submission_id,)).fetchone()
+            if row is not None:
+                if row["case_id"] != case_id:
+                    raise Conflict(f"submission {submission_id} was already used for another case")
+                return self._revision_dict(row), False
+        grid = self.grid(case_id)
+        grid.check(label, "label")
+        n_classes = int(self.settings["num_classes"])
+        lab = np.asarray(label.array)
+        if lab.size and int(lab.max()) >= n_classes:
+            raise InvalidInput(f"label values must be 0..{n_classes - 1}; found {sorted(np.unique(lab).tolist())[:10]}")
+        lab = lab.astype(np.uint8)
+        if kind == "correction":
+            if reviewed_mask is None:
+                raise InvalidInput("a correction needs a reviewed mask (1 = voxels the annotator reviewed or edited)")
+            grid.check(reviewed_mask, "reviewed mask")
+            mask = np.asarray(reviewed_mask.array)
+            if not np.isin(mask, (0, 1)).all():
+                raise InvalidInput("the reviewed mask must hold only 0 and 1")
+            mask = mask.astype(np.uint8)
+            if not mask.any():
+                raise InvalidInput("the reviewed mask is empty: mark the voxels that were reviewed")
+        else:
+            if reviewed_mask is not None:
+                raise InvalidInput(f"a {kind} label covers the whole case; send a reviewed mask only with corrections")
+            mask = None
+        geom = grid.geometry
+        uncertainty_src = self._shown_uncertainty(case_id, inference_id, model_version)
+        if kind == "correction":
+            rel_label, rel_mask, rel_unc = self._write_correction(case_id, author, Volume(lab, geom), Volume(mask, geom),
+                                                                  uncertainty_src, model_version)
+        else:
+            rel_label, rel_mask, rel_unc = self._write_whole_label(case_id, kind, Volume(lab, geom)), None, None
+        digest = sha256_file(self.abs(rel_label))
+        with self._tx() as db:
+            if submission_id:
+                row = db.execute("SELECT * FROM labels WHERE submission_id = ?", (submission_id,)).fetchone()
+                if row is not None:  # a concurrent retry won the race; our files stay unindexed and unused
+                    return self._revision_dict(row), False
+            cur = db.execute(
+                "INSERT INTO labels(case_id, kind, author, model_version, created, path, reviewed_mask, uncertainty, "
+                "reviewed_voxels, foreground_voxels, submission_id, sha256) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (case_id, kind, author, model_version, time.time(), rel_label, rel_mask, rel_unc,
+                 int(mask.sum()) if mask is not None else int(lab.size), int((lab > 0).sum()), submission_id, digest),
+            )
+            db.execute("DELETE FROM leases WHERE case_id = ?", (case_id,))
+            row = db.execute("SELECT * FROM labels WHERE revision = ?", (cur.lastrowid,)).fetchone()
+        return self._revision_dict(row), True
+
+    def _shown_uncertainty(self, case_id: str, inference_id: str | None, model_version: str | None) -> Path | None:
+        if inference_id:
+            if not INFERENCE_ID_RE.match(inference_id):
+                raise InvalidInput(f"invalid inference id {inference_id!r}")
+            row = self.db.execute("SELECT * FROM inferences WHERE inference_id = ? AND case_id = ?",
+                                  (inference_id, case_id)).fetchone()
+            if row is None:
+                raise InvalidInput(f"inference {inference_id} of case {case_id} is unknown")
+        elif model_version:
+            row = self.db.execute("SELECT * FROM inferences WHERE case_id = ? AND model_version = ? ORDER BY created DESC",
+                                  (case_id, model_version)).fetchone()
+        else:
+            return None
+        if row is None:
+            return None
+        meta = json.loads((self.abs(row["path"]) / "inference.json").read_text())
+        path = self.abs(row["path"]) / f"{meta.get('uncertainty_kind', 'entropy')}.nrrd"
+        return path if path.is_file() else None
+
+    def _write_whole_label(self, case_id: str, kind: str, label: Volume) -> str:
+        folder = self.root / "labels" / kind
+        n = 1
+        while True:
+            dest = folder / (f"{case_id}.nrrd" if n == 1 else f"{case_id}@{n}.nrrd")
+            if not dest.exists():
+                try:
+                    write_volume(label, dest, overwrite=False)
+                    return self.rel(dest)
+                except FileExistsError:
+                    pass
+            n += 1
+
+    def _write_correction(self, case_id: str, author: str, label: Volume, mask: Volume, uncertainty_src: Path | None,
+                          model_version: str | None) -> tuple[str, str, str | None]:
+        parent = self.root / "labels" / "corrections" / author / case_id
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=parent))
+        try:
+            write_volume(label, staging / "label.nrrd")
+            write_volume(mask, staging / "reviewed_mask.nrrd")
+            has_unc = uncertainty_src is not None
+            if has_unc:
+                shutil.copyfile(uncertainty_src, staging / "uncertainty.nrrd")
+                _fsync_file(staging / "uncertainty.nrrd")
+            meta = {"case_id": case_id, "author": author, "model_version": model_version, "created": iso(time.time()),
+                    "reviewed_voxels": int(mask.array.sum()), "foreground_voxels": int((label.array > 0).sum()),
+                    "uncertainty_shown": has_unc}
+            (staging / "revision.json").write_text(json.dumps(meta, indent=2))
+            _fsync_file(staging / "revision.json")
+            _fsync_dir(staging)
+            dest = self._rename_numbered(staging, parent, "r")
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return (self.rel(dest / "label.nrrd"), self.rel(dest / "reviewed_mask.nrrd"),
+                self.rel(dest / "uncertainty.nrrd") if has_unc else None)
+
+    @staticmethod
+    def _rename_numbered(staging: Path, parent: Path, prefix: str, width: int = 4) -> Path:
+        """Rename a complete staging folder to the next free `<prefix><n>`; an existing (non-empty) target makes the
+        rename fail, so two writers never share a number and nothing is ever replaced."""
+        taken = [int(p.name[len(prefix):]) for p in parent.iterdir()
+                 if p.name.startswith(prefix) and p.name[len(prefix):].isdigit()]
+        n = max(taken, default=0) + 1
+        while True:
+            dest = parent / f"{prefix}{n:0{width}d}"
+            if not dest.exists():
+                try:
+                    os.rename(staging, dest)
+                    _fsync_dir(parent)
+                    return dest
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                        raise
+            n += 1
+
+    def _revision_dict(self, row: sqlite3.Row) -> dict:
+        files = {"label": row["path"]}
+        if row["reviewed_mask"]:
+            files["reviewed_mask"] = row["reviewed_mask"]
+        if row["uncertainty"]:
+            files["uncertainty"] = row["uncertainty"]
+        return {
+            "revision": row["revision"], "case_id": row["case_id"], "kind": row["kind"], "author": row["author"],
+            "model_version": row["model_version"], "created": iso(row["created"]), "files": files,
+            "reviewed_voxels": row["reviewed_voxels"], "foreground_voxels": row["foreground_voxels"],
+        }
+
+    def revisions(self, case_id: str) -> list[dict]:
+        self._case_row(case_id)
+        rows = self.db.execute("SELECT * FROM labels WHERE case_id = ? ORDER BY revision", (case_id,)).fetchall()
+        return [self._revision_dict(r) for r in rows]
+
+    def revision_file(self, case_id: str, revision: int, name: str) -> Path:
+        if name not in ("label", "reviewed_mask", "uncertainty"):
+            raise InvalidInput(f"revision file must be label, reviewed_mask or uncertainty; got {name!r}")
+        self._case_row(case_id)
+        row = self.db.execute("SELECT * FROM labels WHERE case_id = ? AND revision = ?", (case_id, int(revision))).fetchone()
+        if row is None:
+            raise NotFound(f"case {case_id!r} has no revision {revision}")
+        rel = {"label": row["path"], "reviewed_mask": row["reviewed_mask"], "uncertainty": row["uncertainty"]}[name]
+        if not rel:
+            raise NotFound(f"revision {revision} of {case_id!r} has no {name}")
+        return self.abs(rel)
+
+    def corrections_count(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM labels WHERE kind = 'correction'").fetchone()[0]
+
+    # -- training data --------------------------------------------------------------------------------------
+    def training_snapshot(self) -> dict:
+        """Which revisions a training run uses, fixed at the job's start (so labels arriving later don't leak in).
+
+        train: {case_id: [revision ids to apply, oldest first]} for every train-split case ([] = unlabeled).
+        val: {case_id: final revision id} for val-split cases with a final label.
+        """
+        cases = self.db.execute("SELECT case_id, split FROM cases ORDER BY case_id").fetchall()
+        revs = self.db.execute("SELECT revision, case_id, kind FROM labels WHERE kind IN ('final', 'correction') "
+                               "ORDER BY revision").fetchall()
+        by_case: dict[str, list] = {}
+        for r in revs:
+            by_case.setdefault(r["case_id"], []).append((r["revision"], r["kind"]))
+        train, val = {}, {}
+        for c in cases:
+            rs = by_case.get(c["case_id"], [])
+            if c["split"] == "train":
+                last_final = max((i for i, (_, k) in enumerate(rs) if k == "final"), default=None)
+                use = rs if last_final is None else rs[last_final:]
+                train[c["case_id"]] = [rev for rev, _ in use]
+            elif c["split"] == "val":
+                finals = [rev for rev, k in rs if k == "final"]
+                if finals:
+                    val[c["case_id"]] = finals[-1]
+        return {"train": train, "val": val}
+
+    def load_training_set(self, snapshot: dict) -> tuple[list[Sample], list[Sample]]:
+        """Samples for the trainer from a snapshot: final → all labeled; corrections applied in order inside their
+        reviewed masks (later wins); nothing → unlabeled. Validation samples are fully labeled."""
+        samples = []
+        for case_id, rev_ids in snapshot["train"].items():
+            image = self.load_image(case_id)
+            label = np.zeros(image.shape, np.uint8)
+            known = np.zeros(image.shape, np.uint8)
+            for rev in rev_ids:
+                row = self.db.execute("SELECT * FROM labels WHERE revision = ?", (rev,)).fetchone()
+                lab = read_label(self.abs(row["path"])).array
+                if row["kind"] == "final":
+                    label[...] = lab
+                    known[...] = 1
+                else:
+                    m = read_label(self.abs(row["reviewed_mask"])).array > 0
+                    label[m] = lab[m]
+                    known[m] = 1
+            samples.append(Sample(case_id, image.array.astype(np.float32), label, known))
+        val = []
+        for case_id, rev in snapshot["val"].items():
+            image = self.load_image(case_id)
+            row = self.db.execute("SELECT * FROM labels WHERE revision = ?", (rev,)).fetchone()
+            lab = read_label(self.abs(row["path"])).array
+            val.append(Sample(case_id, image.array.astype(np.float32), lab, np.ones(image.shape, np.uint8)))
+        return samples, val
+
+    # -- inference cache ------------------------------------------------------------------------------------
+    def inference_dir(self, case_id: str, inference_id: str) -> Path:
+        checked_case_id(case_id)
+        if not INFERENCE_ID_RE.match(inference_id or ""):
+            raise InvalidInput(f"invalid inference id {inference_id!r}")
+        row = self.db.execute("SELECT path FROM inferences WHERE inference_id = ? AND case_id = ?",
+                              (inference_id, case_id)).fetchone()
+        if row is None:
+            raise NotFound(f"case {case_id!r} has no inference {inference_id}")
+        return self.abs(row["path"])
+
+    def find_inference(self, case_id: str, model_version: str, passes: int) -> dict | None:
+        row = self.db.execute("SELECT * FROM inferences WHERE case_id = ? AND model_version = ? AND passes = ? "
+                              "ORDER BY created DESC", (case_id, model_version, int(passes))).fetchone()
+        if row is None or not (self.abs(row["path"]) / "inference.json").is_file():
+            return None
+        return json.loads((self.abs(row["path"]) / "inference.json").read_text())
+
+    def add_inference(self, case_id: str, model_version: str, passes: int, volumes: dict[str, Volume], meta: dict) -> dict:
+        """Cache one inference's volumes under inference/<case>/<id>/ (folder renamed into place, then indexed)."""
+        inference_id = uuid.uuid4().hex[:16]
+        parent = self.root / "inference" / case_id
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=parent))
+        try:
+            for name, vol in volumes.items():
+                write_volume(vol, staging / f"{name}.nrrd")
+            meta = {**meta, "inference_id": inference_id, "case_id": case_id, "model_version": model_version,
+                    "passes": int(passes), "created": iso(time.time())}
+            (staging / "inference.json").write_text(json.dumps(meta))
+            _fsync_file(staging / "inference.json")
+            dest = parent / inference_id
+            os.rename(staging, dest)
+            _fsync_dir(parent)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        with self._tx() as db:
+            db.execute("INSERT INTO inferences(inference_id, case_id, model_version, passes, created, path, "
+                       "uncertainty_mean, uncertainty_sum) VALUES (?,?,?,?,?,?,?,?)",
+                       (inference_id, case_id, model_version, int(passes), time.time(), self.rel(dest),
+                        meta.get("uncertainty_mean"), meta.get("uncertainty_sum")))
+        return meta
+
+    # -- jobs -----------------------------------------------------------------------------------------------
+    def create_job(self, params: dict, trigger: str = "manual", kind: str = "train") -> dict:
+        job_id = uuid.uuid4().hex[:12]
+        with self._tx() as db:
+            db.execute("INSERT INTO jobs(job_id, kind, status, params, trigger, created, corrections_seen) "
+                       "VALUES (?, ?, 'queued', ?, ?, ?, ?)",
+                       (job_id, kind, json.dumps(params), trigger, time.time(), self.corrections_count()))
+        return self.job(job_id)
+
+    def maybe_queue_retrain(self) -> dict | None:
+        """Queue a training job when `retrain_every` corrections arrived since the last queued one (and none is
+        pending); returns the new job or None."""
+        n = int(self.settings["retrain_every"])
+        if n <= 0:
+            return None
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM jobs WHERE kind = 'train' AND status IN ('queued', 'running')").fetchone():
+                return None
+            last = db.execute("SELECT MAX(corrections_seen) FROM jobs WHERE kind = 'train'").fetchone()[0] or 0
+            total = db.execute("SELECT COUNT(*) FROM labels WHERE kind = 'correction'").fetchone()[0]
+            if total - last < n:
+                return None
+            job_id = uuid.uuid4().hex[:12]
+            db.execute("INSERT INTO jobs(job_id, kind, status, params, trigger, created, corrections_seen) "
+                       "VALUES (?, 'train', 'queued', '{}', 'corrections', ?, ?)", (job_id, time.time(), total))
+        return self.job(job_id)
+
+    def _job_row(self, job_id: str) -> sqlite3.Row:
+        if not isinstance(job_id, str) or not JOB_ID_RE.match(job_id):
+            raise InvalidInput(f"invalid job id {job_id!r}")
+        row = self.db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"unknown job {job_id!r}")
+        return row
+
+    @staticmethod
+    def _job_dict(row: sqlite3.Row) -> dict:
+        load = lambda v, d=None: json.loads(v) if v else d  # noqa: E731
+        return {
+            "job_id": row["job_id"], "kind": row["kind"], "status": row["status"], "params": load(row["params"], {}),
+            "trigger": row["trigger"], "created": iso(row["created"]), "started": iso(row["started"]),
+            "finished": iso(row["finished"]), "heartbeat": iso(row["heartbeat"]), "worker": row["worker"],
+            "attempts": row["attempts"], "cancel_requested": bool(row["cancel_requested"]),
+            "progress": load(row["progress"]), "history": load(row["history"], []), "result": load(row["result"]),
+            "error": row["error"],
+        }
+
+    def job(self, job_id: str) -> dict:
+        return self._job_dict(self._job_row(job_id))
+
+    def jobs(self, status: str | None = None) -> list[dict]:
+        if status is not None and status not in JOB_STATES:
+            raise InvalidInput(f"status must be one of {JOB_STATES}, got {status!r}")
+        rows = self.db.execute("SELECT * FROM jobs" + (" WHERE status = ?" if status else "") + " ORDER BY created DESC",
+                               (status,) if status else ()).fetchall()
+        return [self._job_dict(r) for r in rows]
+
+    def claim_job(self, worker: str) -> dict | None:
+        """Atomically move the oldest queued job to running for this worker (BEGIN IMMEDIATE serialises claimers)."""
+        with self._tx() as db:
+            row = db.execute("SELECT job_id FROM jobs WHERE status = 'queued' ORDER BY created LIMIT 1").fetchone()
+            if row is None:
+                return None
+            now = time.time()
+            db.execute("UPDATE jobs SET status = 'running', worker = ?, host = ?, pid = ?, started = ?, heartbeat = ?, "
+                       "attempts = attempts + 1, progress = NULL, history = NULL, error = NULL WHERE job_id = ?",
+                       (worker, socket.gethostname(), os.getpid(), now, now, row["job_id"]))
+        return self.job(row["job_id"])
+
+    def heartbeat(self, job_id: str, worker: str) -> bool:
+        """Refresh a running job's heartbeat; returns whether cancellation was requested (or the job was taken)."""
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET heartbeat = ? WHERE job_id = ? AND worker = ? AND status = 'running'",
+                       (time.time(), job_id, worker))
+            row = db.execute("SELECT status, worker, cancel_requested FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        return bool(row["cancel_requested"]) or row["status"] != "running" or row["worker"] != worker
+
+    def update_progress(self, job_id: str, progress: dict, history: list | None = None) -> None:
+        with self._tx() as db:
+            if history is None:
+                db.execute("UPDATE jobs SET progress = ?, heartbeat = ? WHERE job_id = ?",
+                           (json.dumps(progress), time.time(), job_id))
+            else:
+                db.execute("UPDATE jobs SET progress = ?, history = ?, heartbeat = ? WHERE job_id = ?",
+                           (json.dumps(progress), json.dumps(history), time.time(), job_id))
+
+    def finish_job(self, job_id: str, status: str, result: dict | None = None, error: str | None = None,
+                   worker: str | None = None) -> bool:
+        """End a running job; returns False when this worker no longer owns it (it was recovered meanwhile)."""
+        if status not in FINISHED_STATES:
+            raise ValueError(f"finish status must be one of {FINISHED_STATES}")
+        with self._tx() as db:
+            q = "UPDATE jobs SET status = ?, finished = ?, result = ?, error = ? WHERE job_id = ? AND status = 'running'"
+            args = [status, time.time(), json.dumps(result) if result is not None else None, error, job_id]
+            if worker is not None:
+                q += " AND worker = ?"
+                args.append(worker)
+            return db.execute(q, args).rowcount == 1
+
+    def request_cancel(self, job_id: str) -> dict:
+        row = self._job_row(job_id)
+        with self._tx() as db:
+            if row["status"] == "queued":
+                db.execute("UPDATE jobs SET status = 'cancelled', finished = ?, cancel_requested = 1, "
+                           "error = 'cancelled before it started' WHERE job_id = ? AND status = 'queued'",
+                           (time.time(), job_id))
+            db.execute("UPDATE jobs SET cancel_requested = 1 WHERE job_id = ? AND status IN ('queued', 'running')",
+                       (job_id,))
+        return self.job(job_id)
+
+    def recover_stale_jobs(self, stale_after_s: float = 60.0, max_attempts: int = 2) -> list[dict]:
+        """Running jobs whose worker is gone: re-queue them (or fail them after max_attempts).
+
+        A worker is gone when it ran on this host and its process no longer exists, or when its heartbeat is older
+        than `stale_after_s` (another host, or a hung process)."""
+        host, now = socket.gethostname(), time.time()
+        recovered = []
+        with self._tx() as db:
+            for row in db.execute("SELECT * FROM jobs WHERE status = 'running'").fetchall():
+                dead = row["host"] == host and row["pid"] is not None and not _pid_alive(row["pid"])
+                stale = (row["heartbeat"] or 0) < now - stale_after_s
+                if not (dead or stale):
+                    continue
+                why = "its worker process died" if dead else f"no heartbeat for {now - (row['heartbeat'] or 0):.0f} s"
+                if row["cancel_requested"]:
+                    db.execute("UPDATE jobs SET status = 'cancelled', finished = ?, error = ? WHERE job_id = ?",
+                               (now, f"cancelled; {why}", row["job_id"]))
+                elif row["attempts"] >= max_attempts:
+                    db.execute("UPDATE jobs SET status = 'failed', finished = ?, error = ? WHERE job_id = ?",
+                               (now, f"worker lost ({why}) after {row['attempts']} attempt(s)", row["job_id"]))
+                else:
+                    db.execute("UPDATE jobs SET status = 'queued', worker = NULL, pid = NULL, heartbeat = NULL, "
+                               "error = ? WHERE job_id = ?", (f"re-queued: {why}", row["job_id"]))
+                recovered.append({"job_id": row["job_id"], "reason": why})
+        return recovered
+
+    def job_dir(self, job_id: str) -> Path:
+        self._job_row(job_id)
+        return self.root / "jobs" / job_id
+
+    # -- models ---------------------------------------------------------------------------------------------
+    @property
+    def current_model(self) -> str | None:
+        return self._meta_get(self.db, "current_model")
+
+    def model_path(self, version: str) -> Path:
+        return self.abs(self._model_row(version)["path"])
+
+    def _model_row(self, version: str) -> sqlite3.Row:
+        validate_version(version)
+        row = self.db.execute("SELECT * FROM models WHERE version = ?", (version,)).fetchone()
+        if row is None:
+            raise NotFound(f"unknown model version {version!r}")
+        return row
+
+    def _model_dict(self, row: sqlite3.Row, current: str | None) -> dict:
+        return {
+            "version": row["version"], "created": iso(row["created"]), "job_id": row["job_id"], "parent": row["parent"],
+            "method": row["method"], "metrics": json.loads(row["metrics"]), "trained_on": json.loads(row["trained_on"]),
+            "promoted": bool(row["promoted"]), "current": row["version"] == current, "decision": row["decision"],
+            "sha256": row["sha256"],
+        }
+
+    def model(self, version: str) -> dict:
+        return self._model_dict(self._model_row(version), self.current_model)
+
+    def models(self) -> list[dict]:
+        cur = self.current_model
+        return [self._model_dict(r, cur) for r in self.db.execute("SELECT * FROM models ORDER BY version")]
+
+    def add_model_version(self, checkpoint_file: Path, meta: dict, job_id: str | None = None) -> dict:
+        """Publish a checkpoint as a new immutable version: copy into a staging folder, fsync, rename the folder to the
+        next free vNNNN, then index it. `meta`: parent, method, metrics, trained_on, decision (not yet promoted)."""
+        from SSLSegmentLib.trainer import load_checkpoint
+
+        ckpt = load_checkpoint(checkpoint_file)  # refuses anything that is not a readable SSLSegment checkpoint
+        models_dir = self.root / "models"
+        staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=models_dir))
+        try:
+            shutil.copyfile(checkpoint_file, staging / "model.pt")
+            _fsync_file(staging / "model.pt")
+            digest = sha256_file(staging / "model.pt")
+            info = {"job_id": job_id, "sha256": digest, "created": iso(time.time()),
+                    "network": ckpt.get("network"), "train_config": ckpt.get("train_config"), **meta}
+            (staging / "version.json").write_text(json.dumps(info, indent=2, default=str))
+            _fsync_file(staging / "version.json")
+            _fsync_dir(staging)
+            dest = self._rename_numbered(staging, models_dir, "v")
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        version = dest.name
+        info["version"] = version
+        with self._tx() as db:
+            db.execute("INSERT INTO models(version, created, job_id, parent, method, path, sha256, metrics, trained_on, "
+                       "promoted, decision) VALUES (?,?,?,?,?,?,?,?,?,0,?)",
+                       (version, time.time(), job_id, meta.get("parent"), meta.get("method") or ckpt.get("method"),
+                        self.rel(dest / "model.pt"), digest, json.dumps(meta.get("metrics", {}), default=float),
+                        json.dumps(meta.get("trained_on", {})), meta.get("decision")))
+        return self.model(version)
+
+    def set_decision(self, version: str, decision: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE models SET decision = ? WHERE version = ?", (decision, version))
+
+    def promote(self, version: str, reason: str = "manual", expected_current: str | None = "*") -> dict:
+        """Make `version` current. expected_current (not "*"): only if current is still that (compare-and-set, so a
+        job never overrides a manual promotion that happened while it trained)."""
+        self._model_row(version)
+        with self._tx() as db:
+            previous = self._meta_get(db, "current_model")
+            if expected_current != "*" and previous != expected_current:
+                raise Conflict(f"current model changed from {expected_current} to {previous} while the job ran")
+            self._meta_set(db, "current_model", version)
+            db.execute("UPDATE models SET promoted = 1 WHERE version = ?", (version,))
+            db.execute("INSERT INTO promotions(version, previous, at, reason) VALUES (?,?,?,?)",
+                       (version, previous, time.time(), reason))
+        return {"current": version, "previous": previous}
+
+    def promotion_history(self) -> list[dict]:
+        return [{"version": r["version"], "previous": r["previous"], "at": iso(r["at"]), "reason": r["reason"]}
+                for r in self.db.execute("SELECT * FROM promotions ORDER BY id")]
+
+    # -- consistency ----------------------------------------------------------------------------------------
+    def check(self, clean: bool = False) -> dict:
+        """Report (and with clean=True remove) leftovers of interrupted writes: staging folders/files, and files
+        that are not indexed. Indexed files that are missing are errors. Never touches an indexed file."""
+        report = {"integrity": self.db.execute("PRAGMA integrity_check").fetchone()[0], "staging": [], "unindexed": [],
+                  "missing": []}
+        indexed = set()
+        for r in self.db.execute("SELECT path, reviewed_mask, uncertainty FROM labels"):
+            indexed.update(p for p in r if p)
+        for r in self.db.execute("SELECT path FROM models"):
+            indexed.add(r["path"])
+        indexed.update(r["image"] for r in self.db.execute("SELECT image FROM cases"))
+        for rel in indexed:
+            if not (self.root / rel).is_file():
+                report["missing"].append(rel)
+        for sub in ("labels", "models", "inference"):
+            for p in (self.root / sub).rglob(".tmp-*"):
+                report["staging"].append(self.rel(p))
+        for p in (self.root / "labels").rglob("*.nrrd"):
+            rel = self.rel(p)
+            if ".tmp-" not in rel and rel not in indexed:
+                report["unindexed"].append(rel)
+        for p in (self.root / "models").glob("v*/model.pt"):
+            if self.rel(p) not in indexed:
+                report["unindexed"].append(self.rel(p))
+        if clean:
+            for rel in report["staging"]:
+                p = self.root / rel
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        report["ok"] = report["integrity"] == "ok" and not report["missing"]
+        return report
+
+    def summary(self) -> dict:
+        db = self.db
+        splits = {s: 0 for s in SPLITS}
+        for r in db.execute("SELECT split, COUNT(*) AS n FROM cases GROUP BY split"):
+            splits[r["split"]] = r["n"]
+        jobs = {r["status"]: r["n"] for r in db.execute("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status")}
+        return {
+            "n_cases": sum(splits.values()),
+            "splits": splits,
+            "n_labeled": db.execute("SELECT COUNT(DISTINCT case_id) FROM labels WHERE kind = 'final'").fetchone()[0],
+            "n_corrections": self.corrections_count(),
+            "jobs": jobs,
+            "current_model": self.current_model,
+            "n_models": db.execute("SELECT COUNT(*) FROM models").fetchone()[0],
+        }
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (killed but not yet reaped by its parent) still answers kill(0); it is dead all the same.
+    try:
+        with open(f"/proc/{int(pid)}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def import_folder(store: Datastore, source: str | os.PathLike, labels: str = "all", author: str = "import",
+                  progress: bool = False) -> dict:
+    """Import a MONAI-Label-style or phantom folder (images at the root, labels/final/<id>.*, optional
+    labels/original/<id>.*, optional dataset.json with splits) in one call.
+
+    labels: which final labels to import: "all", "none", "val" (only the validation split's: the usual start for
+    active learning, the train split left to annotate), "val+test", or "train:N" (the first N train cases plus val).
+    Splits come from dataset.json when present (kept as they are), else from the datastore's hash rule.
+    """
+    src = Path(source)
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src} is not a folder")
+    meta_path = src / "dataset.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    images = {strip_suffix(p.name): p for p in sorted(src.iterdir())
+              if p.is_file() and p.name.endswith(IMAGE_SUFFIXES) and not p.name.startswith(".")}
+    if not images:
+        raise FileNotFoundError(f"{src}: no images ({', '.join(IMAGE_SUFFIXES)}) at the top level")
+
+    def label_files(kind: str) -> dict:
+        d = src / "labels" / kind
+        return {strip_suffix(p.name): p for p in sorted(d.iterdir()) if p.name.endswith(IMAGE_SUFFIXES)} if d.is_dir() else {}
+
+    finals, originals = label_files("final"), label_files("original")
+    split_of = {cid: s for s, ids in (meta.get("splits") or {}).items() if s in SPLITS for cid in ids}
+    n_train_labeled = None
+    if labels.startswith("train:"):
+        n_train_labeled = int(labels.split(":", 1)[1])
+    elif labels not in ("all", "none", "val", "val+test"):
+        raise InvalidInput(f"labels must be all, none, val, val+test or train:N; got {labels!r}")
+    out = {"registered": 0, "existing": 0, "labels": 0, "originals": 0}
+    train_seen = 0
+    items = list(images.items())
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(items, desc="import", unit="case")
+    for cid, path in items:
+        case, created = store.register_image(path, case_id=checked_case_id(cid), split=split_of.get(cid))
+        out["registered" if created else "existing"] += 1
+        split = case["split"]
+        want = labels == "all" or (labels == "val" and split == "val") or (
+            labels == "val+test" and split in ("val", "test"))
+        if n_train_labeled is not None:
+            want = split == "val" or (split == "train" and train_seen < n_train_labeled)
+        if split == "train":
+            train_seen += 1
+        has_final = any(r["kind"] == "final" for r in store.revisions(cid))
+        if want and cid in finals and not has_final:
+            store.add_label(cid, store.read_label_upload(cid, finals[cid], finals[cid].name), kind="final", author=author)
+            out["labels"] += 1
+        if cid in originals and not any(r["kind"] == "original" for r in store.revisions(cid)):
+            store.add_label(cid, store.read_label_upload(cid, originals[cid], originals[cid].name), kind="original",
+                            author=author)
+            out["originals"] += 1
+    return out
