@@ -393,7 +393,8 @@ class Worker:
             n_scored = score_cases(store, new_model, version, config.patch_size, passes, device, cancel.is_set)
         return {"model_version": version, "promoted": promoted, "reason": reason, "val_dice": _finite(new_dice),
                 "parent": parent, "parent_val_dice": _finite(parent_dice), "best_step": fit.get("best_step"),
-                "train_seconds": round(train_s, 2), "n_scored": n_scored, "history": fit.get("history", [])}
+                "train_seconds": round(train_s, 2), "n_scored": n_scored, "history": fit.get("history", []),
+                "ranks": fit.get("ranks", [])}
 
     def _fit_local(self, job_id, config, snapshot, init_path, scratch, cancel) -> dict:
         from SSLSegmentLib.trainer import Trainer, TrainingCancelled
@@ -441,7 +442,9 @@ class Worker:
         if rc != 0 or not (scratch / "fit.json").is_file():
             tail = log_path.read_text(errors="replace")[-1500:] if log_path.is_file() else ""
             raise JobFailed(f"distributed training exited with status {rc}: {tail.strip().splitlines()[-1] if tail.strip() else 'no output'}")
-        return json.loads((scratch / "fit.json").read_text())
+        fit = json.loads((scratch / "fit.json").read_text())
+        fit["ranks"] = [json.loads(p.read_text()) for p in sorted(scratch.glob("rank*.json"))]
+        return fit
 
 
 class _Cancelled(RuntimeError):

@@ -1,0 +1,300 @@
+"""Datastore: layout, immutable revisions, fixed splits, the correction merge rule, leases, jobs, model registry."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+import numpy as np
+import pytest
+
+from SSLSegmentLib.data.imageio import Geometry, Volume, read_volume, write_volume
+from training.datastore import (
+    Conflict,
+    Datastore,
+    InvalidInput,
+    NotFound,
+    hash_split,
+    import_folder,
+)
+
+
+@pytest.fixture
+def store(tmp_path, tiny_dataset):
+    s = Datastore(tmp_path / "store", create=True, split_seed="seed-1")
+    import_folder(s, tiny_dataset, labels="train:2")
+    return s
+
+
+def _grid_volume(store: Datastore, case_id: str, array: np.ndarray) -> Volume:
+    return Volume(array.astype(np.uint8), store.grid(case_id).geometry)
+
+
+def _train_ids(store):
+    return [c["case_id"] for c in store.cases("train")]
+
+
+def test_import_keeps_dataset_splits_and_requested_labels(store, tiny_dataset):
+    meta = json.loads((tiny_dataset / "dataset.json").read_text())
+    for split in ("train", "val", "test"):
+        assert sorted(c["case_id"] for c in store.cases(split)) == sorted(meta["splits"][split])
+    labeled = {c["case_id"] for c in store.cases() if c["labeled"]}
+    # train:2 → the first two train cases plus every val case; test and the other train cases stay unlabeled.
+    assert labeled == set(meta["splits"]["train"][:2]) | set(meta["splits"]["val"])
+    assert (store.root / "labels" / "final" / f"{meta['splits']['train'][0]}.nrrd").is_file()
+    # Importing again registers nothing twice.
+    again = import_folder(store, tiny_dataset, labels="train:2")
+    assert again["registered"] == 0 and again["labels"] == 0 and again["existing"] == 12
+    assert oct(store.index_dir.stat().st_mode & 0o777) == "0o700"
+
+
+def test_hash_split_is_fixed_and_ratio_driven(tmp_path, tiny_dataset):
+    ids = [f"c{i:03d}" for i in range(400)]
+    splits = [hash_split(i, "s", (0.6, 0.3, 0.1)) for i in ids]
+    frac = {k: splits.count(k) / len(ids) for k in ("train", "val", "test")}
+    assert abs(frac["train"] - 0.6) < 0.08 and abs(frac["val"] - 0.3) < 0.08 and abs(frac["test"] - 0.1) < 0.05
+    assert splits == [hash_split(i, "s", (0.6, 0.3, 0.1)) for i in ids]  # deterministic
+    # Registered cases keep their split no matter what is registered later.
+    s = Datastore(tmp_path / "s2", create=True, split_ratios=(0.5, 0.5, 0.0), split_seed="abc")
+    first = sorted(tiny_dataset.glob("*.nrrd"))[:3]
+    for p in first:
+        s.register_image(p, case_id=p.stem)
+    before = {c["case_id"]: c["split"] for c in s.cases()}
+    for p in sorted(tiny_dataset.glob("*.nrrd"))[3:]:
+        s.register_image(p, case_id=p.stem)
+    after = {c["case_id"]: c["split"] for c in s.cases()}
+    assert {k: after[k] for k in before} == before
+    assert before == {k: hash_split(k, "abc", (0.5, 0.5, 0.0)) for k in before}
+
+
+def test_register_rejects_bad_ids_files_and_conflicts(store, tiny_dataset, tmp_path):
+    img = sorted(tiny_dataset.glob("*.nrrd"))[0]
+    for bad in ("../evil", "a/b", "..", ".hidden", "x" * 200, ""):
+        with pytest.raises(InvalidInput):
+            store.register_image(img, case_id=bad or "/")
+    assert not (store.root.parent / "evil.nrrd").exists()
+    other = sorted(tiny_dataset.glob("*.nrrd"))[1]
+    with pytest.raises(Conflict, match="different image"):
+        store.register_image(other, case_id=img.stem)
+    junk = tmp_path / "junk.nrrd"
+    junk.write_bytes(b"NRRD0004\nthis is not an image\n")
+    with pytest.raises(InvalidInput, match="not a readable image"):
+        store.register_image(junk, case_id="junk")
+    flat = tmp_path / "flat.nrrd"
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.Image(8, 8, sitk.sitkFloat32), str(flat))
+    with pytest.raises(InvalidInput, match="3D"):
+        store.register_image(flat, case_id="flat")
+    assert "junk" not in {c["case_id"] for c in store.cases()} and "flat" not in {c["case_id"] for c in store.cases()}
+    # Content-derived ids make a re-sent image a no-op.
+    case, created = store.register_image(img)
+    case2, created2 = store.register_image(img)
+    assert created and not created2 and case["case_id"] == case2["case_id"].strip() and case["case_id"].startswith("case-")
+
+
+def test_label_revisions_are_immutable_and_checked(store):
+    cid = _train_ids(store)[3]
+    grid = store.grid(cid)
+    a = np.zeros(grid.shape, np.uint8)
+    a[5:10, 5:10, 5:10] = 1
+    r1, _ = store.add_label(cid, _grid_volume(store, cid, a), kind="final", author="alice")
+    first = store.abs(r1["files"]["label"])
+    digest = first.read_bytes()
+    r2, _ = store.add_label(cid, _grid_volume(store, cid, 1 - a), kind="final", author="bob")
+    assert r2["revision"] > r1["revision"] and r2["files"]["label"] != r1["files"]["label"]
+    assert first.read_bytes() == digest  # never overwritten
+    assert "@2" in r2["files"]["label"]
+    assert [r["revision"] for r in store.revisions(cid)] == [r1["revision"], r2["revision"]]
+
+    with pytest.raises(InvalidInput, match="reviewed mask"):
+        store.add_label(cid, _grid_volume(store, cid, a), kind="correction", author="alice")
+    with pytest.raises(InvalidInput, match="empty"):
+        store.add_label(cid, _grid_volume(store, cid, a), kind="correction", author="alice",
+                        reviewed_mask=_grid_volume(store, cid, np.zeros(grid.shape)))
+    with pytest.raises(InvalidInput, match="0..1"):
+        store.add_label(cid, _grid_volume(store, cid, a * 3), kind="final")
+    moved = Volume(a, Geometry(grid.geometry.spacing, tuple(np.add(grid.geometry.origin, 5.0)), grid.geometry.direction))
+    with pytest.raises(InvalidInput, match="geometry does not match"):
+        store.add_label(cid, moved, kind="final")
+    with pytest.raises(InvalidInput, match="size"):
+        store.add_label(cid, Volume(a[:-1], grid.geometry), kind="final")
+    with pytest.raises(InvalidInput, match="author"):
+        store.add_label(cid, _grid_volume(store, cid, a), kind="final", author="../root")
+    with pytest.raises(NotFound):
+        store.add_label("no-such-case", _grid_volume(store, cid, a), kind="final")
+    assert len(store.revisions(cid)) == 2  # nothing of the refused ones was indexed
+
+
+def test_submission_id_makes_retries_idempotent(store):
+    cid = _train_ids(store)[4]
+    lab = _grid_volume(store, cid, np.ones(store.grid(cid).shape))
+    r1, created1 = store.add_label(cid, lab, kind="final", submission_id="sub-0001-abcdef")
+    r2, created2 = store.add_label(cid, lab, kind="final", submission_id="sub-0001-abcdef")
+    assert created1 and not created2 and r1["revision"] == r2["revision"]
+    assert len(store.revisions(cid)) == 1
+
+
+def test_training_set_merges_corrections_inside_reviewed_masks(store):
+    ids = _train_ids(store)
+    labeled, cid = ids[0], ids[5]
+    shape = store.grid(cid).shape
+    # alice: label 1 in a block she reviewed; bob later reviews an overlapping block and says 0 there.
+    la, ma = np.zeros(shape), np.zeros(shape)
+    la[2:10, 2:10, 2:10], ma[0:12, 0:12, 0:12] = 1, 1
+    lb, mb = np.zeros(shape), np.zeros(shape)
+    mb[8:16, 8:16, 8:16] = 1
+    store.add_label(cid, _grid_volume(store, cid, la), kind="correction", author="alice",
+                    reviewed_mask=_grid_volume(store, cid, ma))
+    store.add_label(cid, _grid_volume(store, cid, lb), kind="correction", author="bob",
+                    reviewed_mask=_grid_volume(store, cid, mb))
+    snap = store.training_snapshot()
+    samples, val = store.load_training_set(snap)
+    by_id = {s.case_id: s for s in samples}
+    s = by_id[cid]
+    np.testing.assert_array_equal(s.labeled_mask, np.maximum(ma, mb).astype(np.uint8))
+    assert s.label[3, 3, 3] == 1  # alice only
+    assert s.label[9, 9, 9] == 0  # both reviewed; bob's later revision wins
+    assert s.label[14, 14, 14] == 0 and s.labeled_mask[20, 20, 20] == 0
+    assert by_id[labeled].labeled_mask.all()  # a final label: every voxel known
+    assert not by_id[ids[6]].labeled_mask.any()  # untouched: unlabeled
+    assert {v.case_id for v in val} == {c["case_id"] for c in store.cases("val")}
+    # A final label submitted later supersedes earlier corrections.
+    final = np.zeros(shape)
+    final[0:4] = 1
+    store.add_label(cid, _grid_volume(store, cid, final), kind="final", author="carol")
+    s2 = {x.case_id: x for x in store.load_training_set(store.training_snapshot())[0]}[cid]
+    assert s2.labeled_mask.all() and s2.label[9, 9, 9] == 0 and s2.label[1, 9, 9] == 1
+    # Corrections on validation cases are stored but never leak into training.
+    vid = store.cases("val")[0]["case_id"]
+    store.add_label(vid, _grid_volume(store, vid, np.zeros(shape)), kind="correction", author="alice",
+                    reviewed_mask=_grid_volume(store, vid, np.ones(shape)))
+    assert vid not in store.training_snapshot()["train"]
+
+
+def test_next_case_ranks_by_uncertainty_and_respects_leases(store):
+    ids = store.unreviewed("train")
+    assert len(ids) == 6
+    store.set_score(ids[2], 0.9, 10.0, "v0001")
+    store.set_score(ids[4], 0.5, 90.0, "v0001")
+    assert store.next_case("uncertainty", "alice")["case_id"] == ids[2]
+    # alice holds ids[2]; bob gets the next best, and alice asking again resumes her own case.
+    assert store.next_case("uncertainty", "bob")["case_id"] == ids[4]
+    assert store.next_case("uncertainty", "alice")["case_id"] == ids[2]
+    assert store.next_case("uncertainty_sum", "carol")["case_id"] not in (ids[2], ids[4])
+    # Submitting releases the lease and takes the case out of the queue.
+    store.add_label(ids[2], _grid_volume(store, ids[2], np.zeros(store.grid(ids[2]).shape)), kind="final")
+    assert ids[2] not in store.unreviewed("train")
+    # Expired leases are free again.
+    store.update_settings({"lease_s": 0.0})
+    assert store.next_case("uncertainty", "bob")["case_id"] == ids[4]  # renewed with a zero-length lease
+    assert store.next_case("uncertainty", "dave")["case_id"] == ids[4]
+    for _ in range(10):
+        store.next_case("random", "eve")
+    with pytest.raises(InvalidInput):
+        store.next_case("most-fun", "alice")
+
+
+def test_jobs_are_claimed_once_under_concurrency(store):
+    jobs = [store.create_job({"iterations": 1}) for _ in range(6)]
+    claimed, barrier = [], threading.Barrier(4)
+
+    def claimer(n):
+        s = Datastore(store.root)
+        barrier.wait()
+        while (job := s.claim_job(f"w{n}")) is not None:
+            claimed.append(job["job_id"])
+        s.close()
+
+    threads = [threading.Thread(target=claimer, args=(i,)) for i in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert sorted(claimed) == sorted(j["job_id"] for j in jobs)  # every job exactly once
+
+
+def test_stale_jobs_are_requeued_then_failed(store):
+    import subprocess
+    import sys
+
+    job = store.create_job({})
+    store.claim_job("w1")
+    # Pretend the claimer was a process that has since died.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    store.db.execute("UPDATE jobs SET pid = ? WHERE job_id = ?", (dead.pid, job["job_id"]))
+    assert store.recover_stale_jobs(stale_after_s=3600, max_attempts=2)[0]["job_id"] == job["job_id"]
+    assert store.job(job["job_id"])["status"] == "queued"
+    store.claim_job("w2")
+    assert store.recover_stale_jobs(stale_after_s=3600) == []  # alive and fresh: left alone
+    store.db.execute("UPDATE jobs SET heartbeat = 0 WHERE job_id = ?", (job["job_id"],))
+    store.recover_stale_jobs(stale_after_s=60, max_attempts=2)
+    j = store.job(job["job_id"])
+    assert j["status"] == "failed" and "worker lost" in j["error"] and j["attempts"] == 2
+    # A recovered job can no longer be finished by its old worker.
+    assert not store.finish_job(job["job_id"], "succeeded", worker="w2")
+
+
+def test_retrain_trigger_counts_new_corrections(store):
+    store.update_settings({"retrain_every": 2})
+    ids = store.unreviewed("train")
+    shape = store.grid(ids[0]).shape
+
+    def correct(cid):
+        store.add_label(cid, _grid_volume(store, cid, np.zeros(shape)), kind="correction",
+                        reviewed_mask=_grid_volume(store, cid, np.ones(shape)))
+        return store.maybe_queue_retrain()
+
+    assert correct(ids[0]) is None
+    job = correct(ids[1])
+    assert job is not None and job["trigger"] == "corrections"
+    assert correct(ids[2]) is None  # one is already queued
+    store.request_cancel(job["job_id"])
+    # The count restarts at the last job: ids[2] and ids[3] are the two new corrections since.
+    job2 = correct(ids[3])
+    assert job2 is not None and job2["job_id"] != job["job_id"]
+    store.update_settings({"retrain_every": 0})
+    store.request_cancel(job2["job_id"])
+    assert correct(ids[4]) is None and correct(ids[5]) is None  # manual only
+
+
+def test_model_versions_promote_rollback_and_compare_and_set(store, tmp_path, tiny_net_config):
+    import torch
+
+    from SSLSegmentLib.networks import build_network
+    from SSLSegmentLib.trainer import CHECKPOINT_FORMAT, save_checkpoint
+
+    net = build_network(tiny_net_config)
+    ckpt = {"format": CHECKPOINT_FORMAT, "model": net.state_dict(), "network": tiny_net_config.to_dict(),
+            "train_config": {"patch_size": [16, 32, 32]}, "method": "brl"}
+    path = save_checkpoint(ckpt, tmp_path / "a.pt")
+    v1 = store.add_model_version(path, {"parent": None, "metrics": {"val_dice": 0.5}, "trained_on": {}})
+    v2 = store.add_model_version(path, {"parent": "v0001", "metrics": {"val_dice": 0.6}, "trained_on": {}})
+    assert (v1["version"], v2["version"]) == ("v0001", "v0002") and store.current_model is None
+    assert (store.root / "models" / "v0001" / "model.pt").read_bytes() == path.read_bytes()
+    store.promote("v0002")
+    assert store.promote("v0001")["previous"] == "v0002" and store.current_model == "v0001"  # rollback
+    with pytest.raises(Conflict):
+        store.promote("v0002", expected_current="v0002")
+    assert [p["version"] for p in store.promotion_history()] == ["v0002", "v0001"]
+    with pytest.raises(NotFound):
+        store.promote("v0099")
+    with pytest.raises(InvalidInput):
+        store.model("../v1")
+    bad = tmp_path / "bad.pt"
+    torch.save({"not": "a checkpoint"}, bad)
+    with pytest.raises(ValueError, match="not an SSLSegment checkpoint"):
+        store.add_model_version(bad, {})
+    assert len(store.models()) == 2 and not list((store.root / "models").glob(".tmp-*"))
+
+
+def test_check_reports_leftovers_without_touching_indexed_files(store):
+    cid = _train_ids(store)[0]
+    (store.root / "labels" / "corrections" / "alice" / cid / ".tmp-crashed").mkdir(parents=True)
+    write_volume(read_volume(store.image_path(cid)), store.root / "labels" / "final" / "orphan.nrrd")
+    report = store.check()
+    assert report["ok"] and report["integrity"] == "ok"
+    assert any(".tmp-crashed" in p for p in report["staging"]) and "labels/final/orphan.nrrd" in report["unindexed"]
+    store.check(clean=True)
+    assert not (store.root / "labels" / "corrections" / "alice" / cid / ".tmp-crashed").exists()
+    assert all(os.path.exists(store.abs(r["files"]["label"])) for r in store.revisions(cid))
