@@ -188,6 +188,20 @@ class ReviewSceneLogic:
                 nodes.append(node)
         return nodes
 
+    def removeNode(self, node) -> None:
+        """Remove a node with its display and storage nodes (the scene leaves those behind otherwise)."""
+        if node is None or not self.scene.IsNodePresent(node):
+            return
+        helpers = []
+        if node.IsA("vtkMRMLDisplayableNode"):
+            helpers += [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
+        if node.IsA("vtkMRMLStorableNode"):
+            helpers += [node.GetNthStorageNode(i) for i in range(node.GetNumberOfStorageNodes())]
+        self.scene.RemoveNode(node)
+        for helper in helpers:
+            if helper is not None and self.scene.IsNodePresent(helper):
+                self.scene.RemoveNode(helper)
+
     def removeCaseNodes(self, keep: Sequence = ()) -> int:
         """Remove every node this logic created for the previous case (not the image unless it was ours)."""
         keep_ids = {n.GetID() for n in keep if n is not None}
@@ -195,7 +209,7 @@ class ReviewSceneLogic:
         for role in ("image", "uncertainty", "prediction", "segmentation", "regions", "region-roi", "labelmap"):
             for node in self.nodesWithRole(role):
                 if node.GetID() not in keep_ids:
-                    self.scene.RemoveNode(node)
+                    self.removeNode(node)
                     removed += 1
         self.regionsNode = None
         self.currentRegionRoiNode = None
@@ -214,7 +228,7 @@ class ReviewSceneLogic:
         storage.SetSingleFile(True)
         if not storage.ReadData(node):
             self.scene.RemoveNode(storage)
-            self.scene.RemoveNode(node)
+            self.removeNode(node)
             raise ImageError(f"{path}: Slicer could not read this image")
         node.SetAndObserveStorageNodeID(storage.GetID())
         node.CreateDefaultDisplayNodes()
@@ -347,7 +361,7 @@ class ReviewSceneLogic:
         if referenceVolumeNode is not None:
             segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolumeNode)
         if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelNode, segmentationNode):
-            self.scene.RemoveNode(segmentationNode)
+            self.removeNode(segmentationNode)
             raise ImageError(f"could not import {labelNode.GetName()!r} into a segmentation")
         # Classes the model did not predict still get an (empty) segment so the clinician can paint them.
         segmentation = segmentationNode.GetSegmentation()
@@ -384,7 +398,7 @@ class ReviewSceneLogic:
                 raise ImageError(f"could not export {segmentationNode.GetName()!r} to a label map")
             array = np.array(slicer.util.arrayFromVolume(labelNode), dtype=np.uint8)
         finally:
-            self.scene.RemoveNode(labelNode)
+            self.removeNode(labelNode)
         expected = tuple(slicer.util.arrayFromVolume(referenceVolumeNode).shape)
         if array.shape != expected:
             raise ImageError(f"exported label map {array.shape} does not match the image grid {expected}")
@@ -398,7 +412,7 @@ class ReviewSceneLogic:
         try:
             return self.writeVolumeNode(node, path)
         finally:
-            self.scene.RemoveNode(node)
+            self.removeNode(node)
 
     def saveSegmentation(self, segmentationNode, path: str | os.PathLike) -> Path:
         """Write a .seg.nrrd (segment names, colours, label values) on the segmentation's own grid, uncropped."""
@@ -420,6 +434,50 @@ class ReviewSceneLogic:
             tmp.unlink(missing_ok=True)
         return path
 
+    # ---- a whole case ----------------------------------------------------------------------------------------
+
+    def showCase(self, imagePath=None, name: str = "case", imageNode=None):
+        """Start a case: remove the previous case's nodes and show the image (read from `imagePath`, or an
+        existing node the user selected, which is kept) in the background of every slice view."""
+        if (imagePath is None) == (imageNode is None):
+            raise ValueError("give either imagePath or imageNode")
+        self.removeCaseNodes(keep=[imageNode] if imageNode is not None else [])
+        if imageNode is None:
+            imageNode = self.loadVolumeFile(imagePath, name, role="image")
+        for composite in self.sliceCompositeNodes():
+            composite.SetBackgroundVolumeID(imageNode.GetID())
+            composite.SetForegroundVolumeID(None)
+            composite.SetLabelVolumeID(None)
+        return imageNode
+
+    def showInference(self, result, imageNode, kind: str = "entropy", threshold: float = 0.2, opacity: float = 0.5,
+                      visible: bool = True) -> dict:
+        """Show an inference (review_session.InferenceResult: `paths`, `regions`): both uncertainty maps as heat
+        volumes (`kind` in the foreground), the predicted label map as a segmentation, the regions as markups."""
+        if kind not in ("entropy", "mutual_information"):
+            raise ValueError(f"kind must be 'entropy' or 'mutual_information', got {kind!r}")
+        for role in ("uncertainty", "prediction", "segmentation", "regions", "region-roi"):
+            for node in self.nodesWithRole(role):
+                self.removeNode(node)
+        self.regionsNode, self.currentRegionRoiNode = None, None
+        base = imageNode.GetName()
+        maps = {}
+        for name, title in (("entropy", "uncertainty (entropy)"), ("mutual_information", "uncertainty (MI)")):
+            node = self.loadVolumeFile(result.paths[name], f"{base} {title}", role="uncertainty")
+            self.showUncertainty(node, threshold, opacity, backgroundNode=imageNode)  # colours, window, threshold
+            maps[name] = node
+        prediction = self.loadVolumeFile(result.paths["label"], f"{base} prediction", labelmap=True, role="prediction")
+        try:
+            segmentation = self.importSegmentation(prediction, f"{base} segmentation", referenceVolumeNode=imageNode)
+        finally:
+            self.removeNode(prediction)  # the segmentation holds it now; the session keeps the array
+        regions = self.showRegions(result.regions, imageNode)
+        self.setSliceLayers(background=imageNode, foreground=maps[kind], foregroundOpacity=opacity)
+        if not visible:
+            self.setUncertaintyVisible(maps[kind], False)
+        return {"entropy": maps["entropy"], "mutual_information": maps["mutual_information"],
+                "segmentation": segmentation, "regions": regions}
+
     # ---- review regions ---------------------------------------------------------------------------------------
 
     def regionCentreRas(self, region, referenceVolumeNode=None) -> tuple[float, float, float]:
@@ -433,8 +491,8 @@ class ReviewSceneLogic:
 
     def showRegions(self, regions: Sequence, referenceVolumeNode=None, name: str = "Review regions"):
         """One markups point per review region at its centre, labelled with its rank; points are locked."""
-        if self.regionsNode is not None and self.scene.IsNodePresent(self.regionsNode):
-            self.scene.RemoveNode(self.regionsNode)
+        if self.regionsNode is not None:
+            self.removeNode(self.regionsNode)
         node = self._newNode("vtkMRMLMarkupsFiducialNode", name, "regions")
         node.CreateDefaultDisplayNodes()
         display = node.GetDisplayNode()

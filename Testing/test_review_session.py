@@ -1,0 +1,268 @@
+"""The review session the Slicer widget drives, against a real backend (`sslsegment serve` + `worker`) on 127.0.0.1.
+
+The backend is started by the module's own launcher (review_session.LocalBackend, what the panel's "Start on this
+computer" uses) on a real SQLite datastore of phantoms; the session trains the first model through the REST API,
+then reviews cases end to end: fetch, infer, visit regions, correct, submit; the stored revision is read back.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from conftest import TINY_NET, TINY_PATCH
+from SSLSegmentLib.client import AuthError, BackendUnavailable, SSLSegmentClient
+from SSLSegmentLib.data.imageio import ImageError, read_label, read_volume
+from SSLSegmentLib.review_session import (
+    BackgroundTask,
+    LocalBackend,
+    ReviewSession,
+    SessionError,
+    SessionState,
+    describe_job,
+    job_fraction,
+    missing_requirements,
+    reviewed_mask,
+)
+
+TRAIN = {"network": TINY_NET, "patch_size": list(TINY_PATCH), "iterations": 20, "val_interval": 10,
+         "batch_labeled": 2, "batch_unlabeled": 2, "device": "cpu"}
+
+
+# ---- pieces that need no backend ------------------------------------------------------------------------------
+
+
+def test_reviewed_mask_is_the_union_of_visited_regions_and_edits():
+    rank_map = np.zeros((4, 5, 6), np.int32)
+    rank_map[0, :2, :2] = 1
+    rank_map[3, 3:, 3:] = 2
+    predicted = np.zeros((4, 5, 6), np.uint8)
+    corrected = predicted.copy()
+    corrected[2, 2, 2] = 1
+    mask = reviewed_mask(rank_map, {2}, predicted, corrected)
+    expected = (rank_map == 2) | (corrected != predicted)
+    np.testing.assert_array_equal(mask.astype(bool), expected)
+    assert mask[0, 0, 0] == 0  # region 1 was not visited
+    with pytest.raises(ValueError, match="shapes differ"):
+        reviewed_mask(rank_map, {1}, predicted, corrected[:3])
+
+
+def test_background_task_returns_raises_and_can_be_abandoned():
+    done = BackgroundTask("add", lambda a, b: a + b, 2, b=3)
+    assert done.wait(5) == 5 and done.done() and done.outcome() == (5, None)
+
+    failing = BackgroundTask("fail", lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        failing.wait(5)
+    result, error = failing.outcome()
+    assert result is None and isinstance(error, ZeroDivisionError)
+
+    release = threading.Event()
+    slow = BackgroundTask("slow", release.wait, 10)
+    assert not slow.done()
+    slow.cancel()
+    assert slow.done() and slow.outcome() == (None, None)  # the GUI moves on at once
+    release.set()
+
+
+def test_missing_requirements_checks_versions_without_importing():
+    assert missing_requirements(["numpy>=1.0", "pytest"]) == []
+    assert missing_requirements(["numpy>=999"]) == ["numpy>=999"]
+    assert missing_requirements(["surely-not-installed-sslsegment-pkg>=1"]) == ["surely-not-installed-sslsegment-pkg>=1"]
+
+
+def test_job_descriptions_for_the_status_line():
+    assert describe_job(None) == "No training job."
+    running = {"status": "running", "progress": {"step": 30, "iterations": 120, "val_dice": 0.812, "eta_s": 41.6}}
+    text = describe_job(running)
+    assert "30/120" in text and "0.812" in text and "41 s" in text
+    assert job_fraction(running) == pytest.approx(0.25)
+    done = {"status": "succeeded", "progress": {}, "result": {"model_version": "v0003", "promoted": False,
+                                                              "reason": "val Dice dropped"}}
+    assert "v0003" in describe_job(done) and "not promoted" in describe_job(done) and job_fraction(done) == 1.0
+
+
+def test_session_refuses_steps_out_of_order(tmp_path):
+    session = ReviewSession(SSLSegmentClient("http://127.0.0.1:9"), tmp_path)
+    with pytest.raises(SessionError, match="connect"):
+        session.fetch_next_case()
+    session.state = SessionState.CONNECTED
+    with pytest.raises(SessionError, match="load a case"):
+        session.infer()
+    with pytest.raises(SessionError, match="load a case"):
+        session.submit(np.zeros((2, 2, 2), np.uint8))
+    with pytest.raises(ValueError, match="annotator"):
+        ReviewSession(SSLSegmentClient("http://127.0.0.1:9"), tmp_path, annotator="../etc")
+
+
+# ---- against a real backend ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def backend(tmp_path_factory, tiny_dataset):
+    from training.datastore import Datastore, import_folder
+
+    root = tmp_path_factory.mktemp("review") / "store"
+    store = Datastore(root, create=True)
+    import_folder(store, tiny_dataset, labels="train:2")  # 2 labeled train cases + labeled val; 6 left to review
+    store.update_settings({"train": TRAIN, "score_passes": 2})
+    store.close()
+    local = LocalBackend(root, python=sys.executable, log_dir=root.parent / "logs",
+                         worker_args=["--threads", "1", "--poll", "0.2", "--heartbeat", "0.5"])
+    local.start().wait_until_ready(timeout=180)
+    yield local
+    local.stop()
+
+
+@pytest.fixture(scope="module")
+def trained_session(backend, tmp_path_factory):
+    """A connected session that trained the first model version through the backend's training queue."""
+    session = ReviewSession(backend.client(), tmp_path_factory.mktemp("work"), annotator="alice")
+    info = session.connect()
+    assert info["current_model"] is None and session.model_version is None
+    job = session.start_training(init="scratch")
+    with pytest.raises(SessionError, match="still"):
+        session.start_training()
+    deadline = time.monotonic() + 240
+    while session.training_status()["status"] not in ("succeeded", "failed", "cancelled"):
+        assert time.monotonic() < deadline, describe_job(session.job)
+        time.sleep(0.5)
+    assert session.job["job_id"] == job["job_id"]
+    return session
+
+
+def test_wrong_token_is_refused_and_the_session_stays_disconnected(backend, tmp_path):
+    session = ReviewSession(SSLSegmentClient(backend.base_url, token="not-the-token"), tmp_path)
+    with pytest.raises(AuthError):
+        session.connect()
+    assert session.state == SessionState.DISCONNECTED
+
+
+def test_training_through_the_session_publishes_the_first_model(trained_session):
+    session = trained_session
+    job = session.job
+    assert job["status"] == "succeeded", job.get("error")
+    assert job_fraction(job) == 1.0
+    assert session.model_version == "v0001" and "v0001" in describe_job(job)
+    models = session.models()
+    assert [m["version"] for m in models] == ["v0001"] and models[0]["current"]
+
+
+def test_a_whole_case_fetch_infer_visit_correct_submit(trained_session, tiny_dataset):
+    session = trained_session
+    case = session.fetch_next_case(strategy="uncertainty")
+    assert case is not None and case.split == "train" and session.state == SessionState.CASE_LOADED
+    image = read_volume(case.image_path)
+    source = read_volume(tiny_dataset / f"{case.case_id}.nrrd")
+    np.testing.assert_array_equal(image.array, source.array)
+    assert image.geometry.matches(source.geometry)
+
+    first = session.infer(passes=2)
+    # A briefly trained model is unsure along the whole boundary, one connected shell at the default threshold.
+    # Raise the threshold to its most uncertain few percent until that shell breaks into separate regions (the
+    # server reuses its cached inference and only re-ranks).
+    for quantile in (0.95, 0.98, 0.99, 0.995):
+        threshold = float(np.quantile(first.uncertainty["entropy"].array, quantile))
+        result = session.infer(passes=2, threshold=threshold)
+        if len(result.regions) >= 2:
+            break
+    assert result.inference_id == first.inference_id and result.threshold == pytest.approx(threshold)
+    assert session.state == SessionState.INFERRED and result.model_version == "v0001"
+    assert result.label.shape == image.shape and set(np.unique(result.label.array)) <= {0, 1}
+    assert result.server_regions_match  # the regions recomputed here are the backend's
+    assert len(result.regions) >= 2, "the tiny model should be unsure somewhere"
+    assert [r.rank for r in result.regions] == list(range(1, len(result.regions) + 1))
+    assert all(result.uncertainty["entropy"].array[result.rank_map == r.rank].min() > threshold for r in result.regions)
+
+    assert session.next_region().rank == 1
+    assert session.next_region().rank == 2
+    assert session.previous_region().rank == 1
+    assert session.visited == {1, 2} and session.current_region.rank == 1
+
+    # The clinician fixes region 1 with the truth and paints one extra block.
+    truth = read_label(tiny_dataset / "labels" / "final" / f"{case.case_id}.nrrd").array
+    corrected = result.label.array.copy()
+    inside = result.rank_map == 1
+    corrected[inside] = truth[inside]
+    corrected[1:3, 1:4, 1:4] = 1
+    expected = np.isin(result.rank_map, [1, 2]) | (corrected != result.label.array)
+    np.testing.assert_array_equal(session.reviewed_mask(corrected).astype(bool), expected)
+
+    revision = session.submit(corrected)
+    assert session.state == SessionState.SUBMITTED
+    with pytest.raises(SessionError, match="already submitted"):
+        session.submit(corrected)
+
+    stored = session.client.label_history(case.case_id)[-1]
+    assert stored["revision"] == revision["revision"] and stored["kind"] == "correction"
+    assert stored["author"] == "alice" and stored["model_version"] == "v0001"
+    assert stored["reviewed_voxels"] == int(expected.sum())
+    back = tmp = session.work_dir / "readback"
+    mask_file = session.client.download_label(case.case_id, revision["revision"], tmp / "mask.nrrd", "reviewed_mask")
+    label_file = session.client.download_label(case.case_id, revision["revision"], back / "label.nrrd", "label")
+    mask = read_volume(mask_file)
+    assert mask.geometry.matches(image.geometry)
+    np.testing.assert_array_equal(mask.array.astype(bool), expected)
+    np.testing.assert_array_equal(read_label(label_file, image).array, corrected)
+
+    following = session.fetch_next_case()
+    assert following is not None and following.case_id != case.case_id  # the reviewed case left the queue
+
+
+def test_an_empty_review_is_refused_and_nothing_is_lost(trained_session):
+    session = trained_session
+    if session.state != SessionState.CASE_LOADED:
+        assert session.fetch_next_case() is not None
+    result = session.infer(passes=2)
+    case_id = session.case.case_id
+    before = session.client.label_history(case_id)
+    with pytest.raises(SessionError, match="nothing was reviewed"):
+        session.submit(result.label.array.copy())  # no region visited, no voxel edited
+    with pytest.raises(ImageError, match="not on the image grid"):
+        session.submit(np.zeros((2, 2, 2), np.uint8))
+    assert session.state == SessionState.INFERRED and session.client.label_history(case_id) == before
+    session.skip_case()  # gives the lease back
+    assert session.state == SessionState.CONNECTED
+    leased = [c for c in session.client.list_cases() if c["case_id"] == case_id][0]
+    assert leased["lease"] is None
+
+
+def test_a_volume_from_slicer_is_registered_then_reviewed(trained_session, tiny_dataset):
+    session = trained_session
+    test_case = sorted(p for p in tiny_dataset.glob("*.nrrd"))[-1]
+    before = {c["case_id"] for c in session.client.list_cases()}
+    case = session.open_image(test_case)
+    assert session.state == SessionState.CASE_LOADED and case.image_path == test_case
+    assert case.case_id in before or case.case_id in {c["case_id"] for c in session.client.list_cases()}
+    result = session.infer(passes=2)
+    assert result.label.shape == read_volume(test_case).shape
+    session.skip_case()
+
+
+def test_training_can_be_stopped_from_the_session(trained_session):
+    session = trained_session
+    session.start_training(iterations=100000)
+    session.cancel_training()
+    deadline = time.monotonic() + 60
+    while session.training_status()["status"] not in ("cancelled", "failed", "succeeded"):
+        assert time.monotonic() < deadline, describe_job(session.job)
+        time.sleep(0.3)
+    assert session.job["status"] == "cancelled"
+    assert session.model_version == "v0001"  # a cancelled job publishes nothing
+
+
+def test_stopping_the_local_backend_ends_its_processes(backend):
+    """Last in this file: it stops the module's backend (the fixture's own stop is then a no-op)."""
+    assert backend.running() and backend.token()
+    procs = list(backend.processes.values())
+    assert len(procs) == 2  # serve and worker
+    backend.stop()
+    assert all(p.poll() is not None for p in procs) and not backend.running()
+    with pytest.raises(BackendUnavailable):
+        SSLSegmentClient(backend.base_url, retries=1, timeout=2).health()
+    with pytest.raises(RuntimeError, match="stopped"):
+        backend.poll_ready()
