@@ -29,3 +29,8 @@ bench: $(STAMP)
 
 clean:
 	rm -rf runs benchmarks/work
+
+# Backend: correction → promoted model latency and REST requests/s on loopback (benchmarks/results/backend.{json,md}).
+.PHONY: bench-backend
+bench-backend: $(STAMP)
+	$(BIN)/python -m training.bench.backend --profile $${PROFILE:-quick}

@@ -1,0 +1,141 @@
+"""The standard-library client against a real uvicorn server in a thread (no worker): error mapping, retries,
+downloads, jobs and models without training."""
+
+from __future__ import annotations
+
+import ast
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from SSLSegmentLib.client import (
+    AuthError,
+    BackendUnavailable,
+    ConflictError,
+    NotFoundError,
+    SSLSegmentClient,
+    ValidationError,
+)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_dataset):
+    import uvicorn
+
+    from training.datastore import Datastore, import_folder
+    from training.server import create_app
+    from training.worker import free_port
+
+    root = tmp_path_factory.mktemp("client") / "store"
+    store = Datastore(root, create=True)
+    import_folder(store, tiny_dataset, labels="val")
+    app = create_app(root, token="test-token")
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    try:
+        yield store, f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture
+def client(served):
+    return SSLSegmentClient(served[1], token="test-token")
+
+
+def test_client_uses_only_the_standard_library():
+    tree = ast.parse(Path(__import__("SSLSegmentLib.client", fromlist=["x"]).__file__).read_text())
+    imported = {n.names[0].name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0}
+    import sys
+
+    assert imported - {"__future__"} <= set(sys.stdlib_module_names), imported
+
+
+def test_constructor_validates_and_normalises():
+    assert SSLSegmentClient("http://h:1/api/v1/").base_url == "http://h:1"
+    with pytest.raises(ValueError):
+        SSLSegmentClient("ftp://h")
+    with pytest.raises(ValueError):
+        SSLSegmentClient("http://h", retries=0)
+
+
+def test_unreachable_server_raises_after_retries():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again when the block ends: nothing listens there
+    c = SSLSegmentClient(f"http://127.0.0.1:{port}", token="t", timeout=2, retries=2)
+    c.backoff_s = 0.01
+    with pytest.raises(BackendUnavailable) as err:
+        c.list_cases()
+    assert err.value.status is None and "after 2 attempts" in err.value.message
+
+
+def test_typed_errors_carry_the_server_message(served, client):
+    with pytest.raises(AuthError):
+        SSLSegmentClient(served[1], token="nope").info()
+    with pytest.raises(NotFoundError, match="unknown case 'missing'"):
+        client.get_case("missing")
+    with pytest.raises(ConflictError, match="no model version"):
+        client.infer("phantom_000", "/tmp/unused")
+    with pytest.raises(ValidationError, match="unknown method 'magic'") as err:
+        client.start_training(method="magic")
+    assert err.value.status == 400
+    with pytest.raises(ValidationError, match="colour"):  # pydantic's field errors, joined into one message
+        client.start_training(colour="blue")
+    with pytest.raises(NotFoundError):
+        client.job_status("0123456789ab")
+    with pytest.raises(NotFoundError):
+        client.download_weights("v0042", "/tmp/unused.pt")
+    with pytest.raises(ValueError, match="reviewed_mask_path"):
+        client.submit_label("phantom_000", "/tmp/x.nrrd", kind="correction")
+
+
+def test_download_is_atomic_and_exact(served, client, tmp_path):
+    store, _ = served
+    dest = client.download_image("phantom_001", tmp_path / "sub" / "img.nrrd")
+    assert dest.read_bytes() == store.image_path("phantom_001").read_bytes()
+    assert [p.name for p in dest.parent.iterdir()] == ["img.nrrd"]  # no temp leftovers
+    with pytest.raises(NotFoundError):
+        client.download_image("phantom_999", tmp_path / "sub" / "none.nrrd")
+    assert not (tmp_path / "sub" / "none.nrrd").exists()
+
+
+def test_jobs_queue_and_cancel_without_a_worker(client):
+    job = client.start_training(iterations=5)
+    assert job["status"] == "queued" and job["params"] == {"iterations": 5}
+    assert job["job_id"] in [j["job_id"] for j in client.list_jobs(status="queued")]
+    cancelled = client.cancel_job(job["job_id"])
+    assert cancelled["status"] == "cancelled" and cancelled["cancel_requested"]
+    assert client.wait_for_job(job["job_id"], timeout=5)["status"] == "cancelled"
+
+
+def test_models_weights_and_promotion(served, client, tmp_path, tiny_net_config):
+    from SSLSegmentLib.networks import build_network
+    from SSLSegmentLib.trainer import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
+
+    store, _ = served
+    net = build_network(tiny_net_config)
+    path = save_checkpoint({"format": CHECKPOINT_FORMAT, "model": net.state_dict(), "network": tiny_net_config.to_dict(),
+                            "train_config": {"patch_size": [16, 32, 32]}}, tmp_path / "m.pt")
+    store.add_model_version(path, {"parent": None, "metrics": {}, "trained_on": {}})
+    assert client.current_model() is None and client.models()[0]["version"] == "v0001"
+    assert client.promote("v0001") == {"current": "v0001", "previous": None}
+    got = client.download_weights("v0001", tmp_path / "w.pt")
+    assert set(load_checkpoint(got)["model"]) == set(net.state_dict())
+    result = client.infer("phantom_000", tmp_path / "out", passes=2)
+    assert result["model_version"] == "v0001" and result["passes"] == 2
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "entropy.nrrd", "label.nrrd", "mutual_information.nrrd", "probability.nrrd"]
+    with pytest.raises(ValidationError):
+        client.infer("phantom_000", tmp_path / "out", passes=0)
