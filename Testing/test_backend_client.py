@@ -139,3 +139,30 @@ def test_models_weights_and_promotion(served, client, tmp_path, tiny_net_config)
         "entropy.nrrd", "label.nrrd", "mutual_information.nrrd", "probability.nrrd"]
     with pytest.raises(ValidationError):
         client.infer("phantom_000", tmp_path / "out", passes=0)
+
+
+def test_disk_full_on_write_is_a_5xx_and_indexes_nothing(served, client, tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from SSLSegmentLib.data.imageio import read_volume, write_volume
+
+    store, _ = served
+    image = read_volume(store.image_path("phantom_003"))
+    label = write_volume(image.like((image.array > image.array.mean()).astype("uint8")), tmp_path / "l.nrrd")
+    before = client.label_history("phantom_003")
+    files_before = sorted(p.relative_to(store.root) for p in (store.root / "labels").rglob("*"))
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)  # the storage fails, not the product
+    from SSLSegmentLib.client import BackendError
+
+    with pytest.raises(BackendError) as err:
+        client.submit_label("phantom_003", label, kind="final")
+    monkeypatch.undo()
+    assert err.value.status == 507 and "No space left" in err.value.message
+    assert client.label_history("phantom_003") == before
+    assert sorted(p.relative_to(store.root) for p in (store.root / "labels").rglob("*")) == files_before
+    assert client.submit_label("phantom_003", label, kind="final")["kind"] == "final"  # works again once there is room

@@ -348,7 +348,9 @@ class Worker:
 
         store.update_progress(job_id, {"phase": "validating", "step": config.iterations, "iterations": config.iterations})
         _, val = store.load_training_set({"train": {}, "val": snapshot["val"]})
-        device = "cpu" if config.device in ("auto", None) and not _cuda() else (config.device if config.device != "auto" else "cuda")
+        from SSLSegmentLib.inference import pick_device
+
+        device = pick_device(config.device)
         new_model, new_ckpt = model_from_checkpoint(best, device=device)
         new_dice = validation_dice(new_model, val, config.patch_size, device, config.val_overlap)
         parent_dice = None
@@ -449,12 +451,6 @@ class Worker:
 
 class _Cancelled(RuntimeError):
     pass
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
