@@ -11,7 +11,10 @@ Slicer's bundled Python can import this module without installing anything: it u
 
 Errors carry the server's message: `AuthError` (401/403), `NotFoundError` (404), `ValidationError` (400/413/415/422),
 `ConflictError` (409), any other status as `BackendError`, and `BackendUnavailable` when the server cannot be
-reached after `retries` attempts (only connection failures are retried, never an answered request).
+reached after `retries` attempts (only connection failures are retried, never an answered request; a request
+that is not safe to repeat, like starting a training job, is retried only when the connection was refused).
+Label submissions carry a submission id and uploads without a case id get a content-derived id, so their retries
+are stored once.
 """
 
 from __future__ import annotations
@@ -165,7 +168,9 @@ class SSLSegmentClient:
         return url
 
     def _open(self, method: str, path: str, *, query=None, body: bytes | None = None, content_type: str | None = None,
-              timeout: float | None = None, auth: bool = True):
+              timeout: float | None = None, auth: bool = True, idempotent: bool = True):
+        """One request with retries on connection errors. A non-idempotent request is retried only when the
+        connection was refused (so it certainly never arrived), never after a timeout or a reset mid-request."""
         headers = {"Accept": "application/json"}
         if content_type:
             headers["Content-Type"] = content_type
@@ -182,13 +187,16 @@ class SSLSegmentClient:
                     raise _error_for(exc.code, exc.read()) from None
             except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError, OSError) as exc:
                 last = exc
+                refused = isinstance(getattr(exc, "reason", exc), ConnectionRefusedError)
+                if not idempotent and not refused:
+                    break
                 if attempt + 1 < self.retries:
                     time.sleep(self.backoff_s * (2**attempt))
         reason = getattr(last, "reason", last)
-        raise BackendUnavailable(f"cannot reach the SSLSegment backend at {self.base_url} after {self.retries} attempts: {reason}")
+        raise BackendUnavailable(f"cannot reach the SSLSegment backend at {self.base_url} after {attempt + 1} attempts: {reason}")
 
     def _json(self, method: str, path: str, *, query=None, payload=None, form: _Multipart | None = None,
-              timeout: float | None = None, auth: bool = True):
+              timeout: float | None = None, auth: bool = True, idempotent: bool = True):
         body, ctype = None, None
         if form is not None:
             body, ctype = form.body(), form.content_type
@@ -196,7 +204,8 @@ class SSLSegmentClient:
             body, ctype = json.dumps(payload).encode("utf-8"), "application/json"
         elif method in ("POST", "PUT"):
             body = b""
-        with self._open(method, path, query=query, body=body, content_type=ctype, timeout=timeout, auth=auth) as resp:
+        with self._open(method, path, query=query, body=body, content_type=ctype, timeout=timeout, auth=auth,
+                        idempotent=idempotent) as resp:
             status, raw = resp.status, resp.read()
         if status == 204 or not raw:
             return None
@@ -334,7 +343,8 @@ class SSLSegmentClient:
         """Queue a training job. Params (all optional): method, iterations, lr, batch_labeled, batch_unlabeled,
         seed, val_interval, patch_size, tolerance, init ("current", "scratch" or a version), nproc, device,
         method_options. Returns the job dict (status "queued")."""
-        return self._json("POST", "/train", payload=params)
+        # Not retried after a timeout: a second POST could queue a second job.
+        return self._json("POST", "/train", payload=params, idempotent=False)
 
     def list_jobs(self, status: str | None = None) -> list[dict]:
         return self._json("GET", "/train", query={"status": status})["jobs"]

@@ -81,6 +81,38 @@ def test_unreachable_server_raises_after_retries():
     assert err.value.status is None and "after 2 attempts" in err.value.message
 
 
+def test_timeouts_retry_reads_but_never_repeat_a_job_start():
+    """A server that accepts connections and never answers: reads are retried, starting a job is not."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    accepted = []
+
+    def accept():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(conn)
+
+    threading.Thread(target=accept, daemon=True).start()
+    c = SSLSegmentClient(f"http://127.0.0.1:{listener.getsockname()[1]}", token="t", timeout=0.5, retries=3)
+    c.backoff_s = 0.01
+    try:
+        with pytest.raises(BackendUnavailable, match="after 3 attempts"):
+            c.list_cases()
+        n_reads = len(accepted)
+        with pytest.raises(BackendUnavailable, match="after 1 attempts"):
+            c.start_training(iterations=5)
+        time.sleep(0.2)
+        assert n_reads == 3 and len(accepted) == 4
+    finally:
+        listener.close()
+        for conn in accepted:
+            conn.close()
+
+
 def test_typed_errors_carry_the_server_message(served, client):
     with pytest.raises(AuthError):
         SSLSegmentClient(served[1], token="nope").info()
