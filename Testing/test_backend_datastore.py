@@ -298,3 +298,39 @@ def test_check_reports_leftovers_without_touching_indexed_files(store):
     store.check(clean=True)
     assert not (store.root / "labels" / "corrections" / "alice" / cid / ".tmp-crashed").exists()
     assert all(os.path.exists(store.abs(r["files"]["label"])) for r in store.revisions(cid))
+
+
+def test_cli_import_monai_label_folder_token_check_settings(tmp_path, tiny_dataset, capsys):
+    import shutil
+
+    from training.cli import main
+
+    # A MONAI Label-style folder: images at the root, some final labels, an original (pre-)label, no dataset.json.
+    src = tmp_path / "monai"
+    (src / "labels" / "final").mkdir(parents=True)
+    (src / "labels" / "original").mkdir(parents=True)
+    for cid in ("phantom_000", "phantom_001", "phantom_002"):
+        shutil.copy(tiny_dataset / f"{cid}.nrrd", src / f"{cid}.nrrd")
+    shutil.copy(tiny_dataset / "labels" / "final" / "phantom_000.nrrd", src / "labels" / "final" / "phantom_000.nrrd")
+    shutil.copy(tiny_dataset / "labels" / "final" / "phantom_001.nrrd", src / "labels" / "original" / "phantom_001.nrrd")
+    dest = tmp_path / "store"
+    assert main(["import-datastore", str(src), "--datastore", str(dest), "--split-seed", "s1"]) == 0
+    store = Datastore(dest)
+    cases = {c["case_id"]: c for c in store.cases()}
+    assert set(cases) == {"phantom_000", "phantom_001", "phantom_002"}
+    assert all(c["split"] == hash_split(cid, "s1", (0.8, 0.2, 0.0)) for cid, c in cases.items())
+    assert cases["phantom_000"]["labeled"] and not cases["phantom_001"]["labeled"]
+    assert [r["kind"] for r in store.revisions("phantom_001")] == ["original"]
+    assert (dest / "labels" / "original" / "phantom_001.nrrd").is_file()
+
+    capsys.readouterr()
+    assert main(["token", "--datastore", str(dest)]) == 0
+    token = capsys.readouterr().out.strip()
+    assert token == store.token_path.read_text().strip() and len(token) >= 32
+    assert oct(store.token_path.stat().st_mode & 0o777) == "0o600"
+    assert main(["datastore-check", "--datastore", str(dest)]) == 0
+    assert main(["datastore-settings", "--datastore", str(dest), "retrain_every=3"]) == 0
+    assert Datastore(dest).settings["retrain_every"] == 3
+    assert main(["datastore-settings", "--datastore", str(dest), "colour=3"]) == 2
+    assert main(["import-datastore", str(src), "--datastore", str(dest), "--labels", "some"]) == 2
+    assert main(["token", "--datastore", str(tmp_path / "nowhere")]) == 2
