@@ -644,9 +644,11 @@ def _signal_group(proc: subprocess.Popen, sig) -> None:
 # Dependencies
 # ---------------------------------------------------------------------------------------------------------------
 
-# What the Slicer side needs in each mode (numpy, scipy and SimpleITK ship with Slicer; the client is stdlib only).
+# What a backend started with Slicer's Python needs beyond Slicer itself. numpy, scipy and SimpleITK ship with Slicer
+# (not always with pip metadata, so they are not listed: a metadata check would reinstall them); torch comes from the
+# PyTorch extension; the client is standard library only, so remote mode needs nothing.
 LOCAL_BACKEND_REQUIREMENTS = ("monai>=1.4", "fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9",
-                              "tqdm>=4.60", "scipy>=1.10", "SimpleITK>=2.3")
+                              "tqdm>=4.60")
 TORCH_REQUIREMENT = "torch>=2.2"
 
 

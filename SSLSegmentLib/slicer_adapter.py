@@ -374,6 +374,10 @@ class ReviewSceneLogic:
                 segmentation.AddEmptySegment("", class_name, color[:3])
         return segmentationNode
 
+    def _colorTableIds(self) -> set[str]:
+        return {self.scene.GetNthNodeByClass(i, "vtkMRMLColorTableNode").GetID()
+                for i in range(self.scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode"))}
+
     def segmentIdsInClassOrder(self, segmentationNode) -> list[str]:
         segmentation = segmentationNode.GetSegmentation()
         by_name = {segmentation.GetNthSegment(i).GetName(): segmentation.GetNthSegmentID(i)
@@ -386,6 +390,8 @@ class ReviewSceneLogic:
 
     def labelArrayFromSegmentation(self, segmentationNode, referenceVolumeNode) -> np.ndarray:
         """The segmentation as a (k, j, i) uint8 label map on the reference volume's grid, values from class names."""
+        classTable = self.classColorTable()
+        colorTablesBefore = self._colorTableIds()
         labelNode = self._newNode("vtkMRMLLabelMapVolumeNode", "SSLSegment export", "labelmap")
         try:
             ids = vtk.vtkStringArray()
@@ -393,12 +399,15 @@ class ReviewSceneLogic:
                 ids.InsertNextValue(segment_id)
             ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
                 segmentationNode, ids, labelNode, referenceVolumeNode,
-                slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY, self.classColorTable())
+                slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY, classTable)
             if not ok:
                 raise ImageError(f"could not export {segmentationNode.GetName()!r} to a label map")
             array = np.array(slicer.util.arrayFromVolume(labelNode), dtype=np.uint8)
         finally:
             self.removeNode(labelNode)
+            # The export adds a "<segmentation>_ColorTable" node each time; without this they pile up per edit.
+            for nodeId in self._colorTableIds() - colorTablesBefore:
+                self.scene.RemoveNode(self.scene.GetNodeByID(nodeId))
         expected = tuple(slicer.util.arrayFromVolume(referenceVolumeNode).shape)
         if array.shape != expected:
             raise ImageError(f"exported label map {array.shape} does not match the image grid {expected}")

@@ -307,3 +307,50 @@ def test_new_case_removes_the_previous_cases_nodes_only(regions_case):
     assert removed == 4  # prediction, segmentation, regions, region box
     assert scene.IsNodePresent(reference) and scene.IsNodePresent(user_volume)
     assert not logic.nodesWithRole("segmentation") and logic.regionsNode is None
+
+
+# ---- a whole case, as the widget shows it --------------------------------------------------------------------
+
+
+def test_show_case_and_inference_build_the_review_scene_and_clean_up(headless, phantom, tmp_path):
+    from types import SimpleNamespace
+
+    scene, logic = headless
+    image, label = phantom
+    u = _uncertainty(image)
+    paths = {"label": write_volume(label, tmp_path / "label.nrrd"),
+             "entropy": write_volume(u, tmp_path / "entropy.nrrd"),
+             "mutual_information": write_volume(image.like(u.array * 0.5), tmp_path / "mi.nrrd")}
+    regions, _ = find_review_regions(u.array, threshold=0.97, min_voxels=1, geometry=image.geometry)
+    result = SimpleNamespace(paths=paths, regions=regions)  # what review_session.InferenceResult provides
+    baseline = scene.GetNumberOfNodes()
+
+    image_node = logic.showCase(write_volume(image, tmp_path / "image.nrrd"), name="case_1")
+    assert all(c.GetBackgroundVolumeID() == image_node.GetID() for c in logic.sliceCompositeNodes())
+    nodes = logic.showInference(result, image_node, kind="mutual_information", threshold=0.4, opacity=0.3)
+    assert all(c.GetForegroundVolumeID() == nodes["mutual_information"].GetID() for c in logic.sliceCompositeNodes())
+    for kind in ("entropy", "mutual_information"):
+        display = nodes[kind].GetDisplayNode()
+        assert display.GetColorNodeID() == sa.HEAT_COLOR_NODE_ID and display.GetLowerThreshold() == pytest.approx(0.4)
+    np.testing.assert_array_equal(logic.labelArrayFromSegmentation(nodes["segmentation"], image_node), label.array)
+    after_first_export = scene.GetNumberOfNodes()
+    logic.labelArrayFromSegmentation(nodes["segmentation"], image_node)  # the widget exports after every edit
+    assert scene.GetNumberOfNodes() == after_first_export
+    assert nodes["regions"].GetNumberOfControlPoints() == len(regions) > 1
+    assert not logic.nodesWithRole("prediction")  # imported, then removed with its display and storage nodes
+    per_case = scene.GetNumberOfNodes()
+
+    # Running again replaces the outputs instead of piling them up.
+    logic.showInference(result, image_node, visible=False)
+    assert scene.GetNumberOfNodes() == per_case
+    assert all(c.GetForegroundVolumeID() is None for c in logic.sliceCompositeNodes())
+
+    # The next case removes this one's nodes with their display and storage nodes; the colour table stays.
+    logic.showCase(tmp_path / "image.nrrd", name="case_2")
+    assert len(logic.nodesWithRole("image")) == 1
+    assert not logic.nodesWithRole("uncertainty") and not logic.nodesWithRole("segmentation")
+    # image + its display + storage, the class table, and the subject hierarchy (a singleton the export creates)
+    assert scene.GetNumberOfNodes() == baseline + 3 + 1 + 1
+
+    with pytest.raises(ValueError, match="either"):
+        logic.showCase()

@@ -1,0 +1,945 @@
+"""SSLSegment: review a model's 3D segmentation where it is unsure, correct it, and send the correction back.
+
+Module layout (Slicer's scripted-module convention):
+- `SSLSegment`: metadata and help.
+- `SSLSegmentWidget`: the panel. Thin: loads Resources/UI/SSLSegment.ui, binds the parameter node, and wires buttons
+  to the review session (SSLSegmentLib.review_session, pure Python) and to the Logic. Network calls run on a worker
+  thread polled by a QTimer, so the application never freezes and every wait can be cancelled.
+- `SSLSegmentLogic`: all MRML work (SSLSegmentLib.slicer_adapter.ReviewSceneLogic, tested outside Slicer on
+  slicer-core), dependency installation and the local backend.
+- `SSLSegmentTest`: self-test on phantom data and the bundled phantom model.
+
+Nothing heavy is imported when Slicer starts: torch and MONAI are only ever imported by the backend processes.
+"""
+
+import enum
+import logging
+import os
+import pathlib
+import sys
+from typing import Annotated
+
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+
+def _libraryDirectory():
+    """The folder holding SSLSegmentLib/ and training/: next to this file once installed (the extension ships
+    them there), one folder up in a source checkout."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for candidate in (here, os.path.dirname(here)):
+        if os.path.isfile(os.path.join(candidate, "SSLSegmentLib", "__init__.py")):
+            if candidate not in sys.path:
+                sys.path.insert(0, candidate)
+            return candidate
+    return here
+
+
+LIBRARY_DIR = _libraryDirectory()
+
+# numpy and SimpleITK ship with Slicer; this import pulls nothing else.
+from SSLSegmentLib.slicer_adapter import ReviewSceneLogic  # noqa: E402
+
+NEXT_REGION_SHORTCUT = "Ctrl+Shift+N"
+PREVIOUS_REGION_SHORTCUT = "Ctrl+Shift+P"
+
+
+#
+# SSLSegment
+#
+
+
+class SSLSegment(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("SSLSegment")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
+        self.parent.dependencies = []  # PyTorch is needed only to run a backend here; checked when it starts
+        self.parent.contributors = ["SSLSegment contributors"]
+        self.parent.helpText = _("""
+<p>Review an AI segmentation where the model is <b>unsure</b>, correct it, and send the correction back so the
+model learns from it.</p>
+<ol>
+<li><b>Backend</b>: enter the server address and token you were given and press Connect, or choose
+"Start on this computer" with a datastore folder.</li>
+<li><b>Case</b>: Fetch next case gives you the case where your review helps most; or review a volume you loaded.</li>
+<li><b>Run</b>: the model segments the case and estimates its uncertainty.</li>
+<li><b>Heat map</b>: colour shows how unsure the model is (dark red: somewhat, yellow/white: very). Voxels below the
+"Hide below" value are not coloured.</li>
+<li><b>Review regions</b>: press Next (Ctrl+Shift+N) to jump to the most uncertain regions in turn; each visited
+region counts as reviewed.</li>
+<li><b>Correct</b> the segmentation with Paint/Erase where it is wrong.</li>
+<li><b>Submit</b>: the corrected label, the regions you visited and every voxel you edited are stored as a new
+label revision. Unvisited parts of the case are <i>not</i> treated as checked.</li>
+</ol>
+<p>The heat map shows where the model is unsure, not where it is wrong: a confident mistake stays cold. Look at the
+whole structure before submitting a case as final.</p>
+<p>See the <a href="https://github.com/sslsegment/SSLSegment/blob/main/docs/slicer.md">user guide</a>.</p>
+""")
+        self.parent.acknowledgementText = _("""
+Built on 3D Slicer, MONAI and PyTorch. The uncertainty-aware training follows published semi-supervised
+segmentation methods (mean teacher, uncertainty-aware mean teacher, bidirectional region-level losses).
+""")
+
+
+#
+# Parameter node
+#
+
+
+class ConnectionMode(enum.Enum):
+    REMOTE = "remote"
+    LOCAL = "local"
+
+    def label(self):
+        return {ConnectionMode.REMOTE: _("Remote server"), ConnectionMode.LOCAL: _("Start on this computer")}[self]
+
+
+class CaseStrategy(enum.Enum):
+    UNCERTAINTY = "uncertainty"
+    RANDOM = "random"
+
+    def label(self):
+        return {CaseStrategy.UNCERTAINTY: _("most uncertain first"), CaseStrategy.RANDOM: _("random")}[self]
+
+
+class UncertaintyKind(enum.Enum):
+    ENTROPY = "entropy"
+    MUTUAL_INFORMATION = "mutual_information"
+
+    def label(self):
+        return {UncertaintyKind.ENTROPY: _("total uncertainty (entropy)"),
+                UncertaintyKind.MUTUAL_INFORMATION: _("model doubt (mutual information)")}[self]
+
+
+@parameterNodeWrapper
+class SSLSegmentParameterNode:
+    """What the panel shows, saved with the scene (the token never is)."""
+
+    connectionMode: ConnectionMode = ConnectionMode.REMOTE
+    serverUrl: str = "http://127.0.0.1:8765"
+    datastore: pathlib.Path = pathlib.Path.home() / "SSLSegment" / "datastore"
+    annotator: str = "anonymous"
+    strategy: CaseStrategy = CaseStrategy.UNCERTAINTY
+    inputVolume: vtkMRMLScalarVolumeNode
+    passes: Annotated[int, WithinRange(1, 64)] = 8
+    regionThreshold: Annotated[float, WithinRange(0.05, 0.95)] = 0.5
+    uncertaintyKind: UncertaintyKind = UncertaintyKind.ENTROPY
+    showHeatmap: bool = True
+    heatmapOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+    heatmapThreshold: Annotated[float, WithinRange(0.0, 0.99)] = 0.2
+    wholeCase: bool = False
+    trainIterations: Annotated[int, WithinRange(10, 100000)] = 500
+    # The current case's nodes (set by the module, not shown as widgets).
+    imageVolume: vtkMRMLScalarVolumeNode
+    entropyVolume: vtkMRMLScalarVolumeNode
+    mutualInformationVolume: vtkMRMLScalarVolumeNode
+    segmentation: vtkMRMLSegmentationNode
+
+
+#
+# SSLSegmentWidget
+#
+
+
+class SSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self.session = None
+        self.localBackend = None
+        self._task = None
+        self._taskDone = None
+        self._trainingTask = None
+        self._startingLocalBackend = False
+        self._observedSegmentation = None
+        self._shortcuts = []
+
+    # ---- set-up and life cycle ------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/SSLSegment.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        self.logic = SSLSegmentLogic()
+
+        # The segment editor wants its parameter node before the scene.
+        self.ui.embeddedSegmentEditorWidget.setMRMLSegmentEditorNode(self.logic.getSegmentEditorNode())
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.connectButton.connect("clicked(bool)", self.onConnect)
+        self.ui.stopLocalButton.connect("clicked(bool)", self.onStopLocal)
+        self.ui.nextCaseButton.connect("clicked(bool)", self.onNextCase)
+        self.ui.sendVolumeButton.connect("clicked(bool)", self.onSendVolume)
+        self.ui.runButton.connect("clicked(bool)", self.onRun)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
+        self.ui.nextRegionButton.connect("clicked(bool)", self.onNextRegion)
+        self.ui.previousRegionButton.connect("clicked(bool)", self.onPreviousRegion)
+        self.ui.regionsTableWidget.connect("cellClicked(int,int)", self.onRegionClicked)
+        self.ui.submitButton.connect("clicked(bool)", self.onSubmit)
+        self.ui.skipCaseButton.connect("clicked(bool)", self.onSkipCase)
+        self.ui.startTrainingButton.connect("clicked(bool)", self.onStartTraining)
+        self.ui.stopTrainingButton.connect("clicked(bool)", self.onStopTraining)
+        self.ui.refreshModelsButton.connect("clicked(bool)", self.onRefreshModels)
+        self.ui.updateModelButton.connect("clicked(bool)", self.onUpdateModel)
+
+        for key, slot in ((NEXT_REGION_SHORTCUT, self.onNextRegion), (PREVIOUS_REGION_SHORTCUT, self.onPreviousRegion)):
+            shortcut = qt.QShortcut(qt.QKeySequence(key), slicer.util.mainWindow())
+            shortcut.connect("activated()", slot)
+            self._shortcuts.append(shortcut)
+
+        self._pollTimer = qt.QTimer()
+        self._pollTimer.setInterval(200)
+        self._pollTimer.connect("timeout()", self._pollTask)
+        self._trainingTimer = qt.QTimer()
+        self._trainingTimer.setInterval(2000)
+        self._trainingTimer.connect("timeout()", self._pollTraining)
+        self._editTimer = qt.QTimer()
+        self._editTimer.setSingleShot(True)
+        self._editTimer.setInterval(600)  # count edited voxels once a paint stroke settles, not on every event
+        self._editTimer.connect("timeout()", self._updateEditedCount)
+
+        self.initializeParameterNode()
+        self._updateButtonStates()
+
+    def cleanup(self) -> None:
+        for timer in (self._pollTimer, self._trainingTimer, self._editTimer):
+            timer.stop()
+        for shortcut in self._shortcuts:
+            shortcut.setParent(None)
+        self._shortcuts = []
+        if self._task is not None:
+            self._task.cancel()
+        if self.localBackend is not None:
+            self.localBackend.stop()  # our child processes end with the application
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+        self.ui.embeddedSegmentEditorWidget.setupViewObservations()
+
+    def exit(self) -> None:
+        self.ui.embeddedSegmentEditorWidget.removeViewObservations()
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+        self._observeSegmentation(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        self.ui.embeddedSegmentEditorWidget.setMRMLSegmentEditorNode(self.logic.getSegmentEditorNode())
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            # Widgets carry a "SlicerParameterName" property in the .ui file.
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+            self._onParameterNodeModified()
+
+    def _onParameterNodeModified(self, caller=None, event=None) -> None:
+        p = self._parameterNode
+        if p is None:
+            return
+        local = p.connectionMode == ConnectionMode.LOCAL
+        for widget in (self.ui.serverUrlLabel, self.ui.serverUrlLineEdit, self.ui.tokenLabel, self.ui.tokenLineEdit):
+            widget.setVisible(not local)
+        for widget in (self.ui.datastoreLabel, self.ui.datastorePathLineEdit, self.ui.stopLocalButton):
+            widget.setVisible(local)
+        self.ui.connectButton.text = _("Start and connect") if local else _("Connect")
+        self._applyDisplaySettings()
+        self._updateButtonStates()
+
+    # ---- state shown in the panel ---------------------------------------------------------------------------
+
+    def _state(self):
+        return None if self.session is None else self.session.state.value
+
+    def _updateButtonStates(self) -> None:
+        busy = self._task is not None
+        state = self._state()
+        connected = state not in (None, "disconnected")
+        self.ui.connectButton.enabled = not busy
+        self.ui.stopLocalButton.enabled = self.localBackend is not None and not busy
+        self.ui.nextCaseButton.enabled = connected and not busy
+        self.ui.sendVolumeButton.enabled = (connected and not busy and self._parameterNode is not None
+                                            and self._parameterNode.inputVolume is not None)
+        self.ui.runButton.enabled = state in ("case_loaded", "inferred") and not busy
+        self.ui.cancelButton.enabled = busy
+        hasRegions = state == "inferred" and bool(self.session.regions)
+        self.ui.nextRegionButton.enabled = hasRegions
+        self.ui.previousRegionButton.enabled = hasRegions
+        self.ui.submitButton.enabled = state == "inferred" and not busy
+        self.ui.skipCaseButton.enabled = state in ("case_loaded", "inferred") and not busy
+        jobActive = self.session is not None and self.session.job is not None and \
+            self.session.job.get("status") in ("queued", "running")
+        self.ui.startTrainingButton.enabled = connected and not busy and not jobActive
+        self.ui.stopTrainingButton.enabled = jobActive
+        self.ui.refreshModelsButton.enabled = connected and not busy
+        self.ui.updateModelButton.enabled = connected and not busy and self.ui.modelsTableWidget.currentRow() >= 0
+
+    def _setStatus(self, text: str, error: bool = False) -> None:
+        self.ui.runStatusLabel.text = text
+        self.ui.runStatusLabel.setStyleSheet("color: #c0392b;" if error else "")
+        slicer.util.showStatusMessage(text, 5000)
+
+    def _showError(self, what: str, exc: Exception) -> None:
+        from SSLSegmentLib.client import AuthError, BackendUnavailable, ConflictError
+
+        if isinstance(exc, AuthError):
+            hint = _("The backend refused the token. Paste the token printed by `sslsegment serve`.")
+        elif isinstance(exc, BackendUnavailable):
+            hint = _("The backend cannot be reached. Is it running, and is the address right?")
+        elif isinstance(exc, ConflictError):
+            hint = _("The backend has no model yet: start a training job first (Training section).")
+        else:
+            hint = ""
+        message = f"{what} failed: {getattr(exc, 'message', None) or exc}"
+        self._setStatus(message, error=True)
+        logging.error(message)
+        slicer.util.errorDisplay(f"{message}\n\n{hint}".strip(), windowTitle=_("SSLSegment"))
+
+    # ---- background work ------------------------------------------------------------------------------------
+
+    def _runInBackground(self, description: str, function, onDone, *args, **kwargs) -> bool:
+        """Run `function` on a worker thread; call `onDone(result)` on the main thread when it finishes."""
+        from SSLSegmentLib.review_session import BackgroundTask
+
+        if self._task is not None:
+            self._setStatus(_("Busy: {what}. Wait, or press Cancel.").format(what=self._task.description))
+            return False
+        self._task = BackgroundTask(description, function, *args, **kwargs)
+        self._taskDone = onDone
+        self.ui.runProgressBar.setRange(0, 0)  # indeterminate: the backend reports no progress for one request
+        self._setStatus(f"{description}…")
+        self._updateButtonStates()
+        self._pollTimer.start()
+        return True
+
+    def _pollTask(self) -> None:
+        task = self._task
+        if task is None:
+            self._pollTimer.stop()
+            return
+        if not task.done():
+            self.ui.runStatusLabel.text = f"{task.description}… {int(task.elapsed_s())} s"
+            return
+        self._pollTimer.stop()
+        self._task, onDone = None, self._taskDone
+        self._startingLocalBackend = False
+        self.ui.runProgressBar.setRange(0, 1)
+        self.ui.runProgressBar.value = 0 if task.cancelled else 1
+        result, error = task.outcome()
+        try:
+            if task.cancelled:
+                self._setStatus(_("Cancelled: {what}.").format(what=task.description))
+            elif error is not None:
+                self._showError(task.description, error)
+            else:
+                self._setStatus(_("{what}: done.").format(what=task.description))
+                onDone(result)
+        except Exception as exc:  # a failure while showing the result must not leave the panel stuck
+            logging.exception("SSLSegment")
+            self._showError(task.description, exc)
+        finally:
+            self._updateButtonStates()
+
+    def onCancel(self) -> None:
+        if self._task is None:
+            return
+        self._task.cancel()
+        if self._startingLocalBackend and self.localBackend is not None:
+            self.localBackend.stop()  # also ends the thread waiting for it
+            self.localBackend = None
+        self._pollTask()
+
+    # ---- connection -----------------------------------------------------------------------------------------
+
+    def onConnect(self) -> None:
+        p = self._parameterNode
+        from SSLSegmentLib.review_session import validate_author
+
+        try:
+            validate_author(p.annotator)
+        except ValueError as exc:
+            self._setStatus(str(exc), error=True)
+            return
+        if p.connectionMode == ConnectionMode.LOCAL:
+            with slicer.util.tryWithErrorDisplay(_("Cannot start the local backend."), waitCursor=True):
+                if self.logic.setupPythonRequirements(local=True):
+                    return  # installed something that needs a restart; the logic said so
+                if self.localBackend is None or not self.localBackend.running():
+                    self.localBackend = self.logic.createLocalBackend(p.datastore)
+                    self.localBackend.start()
+                self._startingLocalBackend = self._runInBackground(
+                    _("Starting the local backend"), self.localBackend.wait_until_ready, self._onLocalBackendReady,
+                    timeout=300)
+        else:
+            self._connectTo(p.serverUrl.strip(), self.ui.tokenLineEdit.text.strip() or None)
+
+    def _onLocalBackendReady(self, backend) -> None:
+        self._connectTo(backend.base_url, backend.token())
+
+    def _connectTo(self, url: str, token) -> None:
+        from SSLSegmentLib.client import SSLSegmentClient
+        from SSLSegmentLib.review_session import ReviewSession
+
+        try:
+            client = SSLSegmentClient(url, token=token)
+        except ValueError as exc:
+            self._setStatus(str(exc), error=True)
+            return
+        self.session = ReviewSession(client, self.logic.workDirectory(), annotator=self._parameterNode.annotator)
+        self.ui.connectionStatusLabel.text = _("Connecting to {url}…").format(url=url)
+        self._runInBackground(_("Connecting"), self.session.connect, self._onConnected)
+
+    def _onConnected(self, info: dict) -> None:
+        splits = info.get("splits", {})
+        self.ui.connectionStatusLabel.text = _("Connected to {url}: {n} cases ({train} to train on), backend {v}.").format(
+            url=self.session.client.base_url, n=info.get("n_cases", "?"), train=splits.get("train", "?"),
+            v=info.get("version", "?"))
+        self._showModelVersion()
+        self.onRefreshModels()
+
+    def _showModelVersion(self) -> None:
+        version = self.session.model_version if self.session else None
+        self.ui.modelVersionLabel.text = version or _("none yet: train one in the Training section")
+
+    def onStopLocal(self) -> None:
+        if self.localBackend is not None:
+            self.localBackend.stop()
+            self.localBackend = None
+        self.session = None
+        self.ui.connectionStatusLabel.text = _("Local backend stopped.")
+        self._updateButtonStates()
+
+    # ---- cases ----------------------------------------------------------------------------------------------
+
+    def onNextCase(self) -> None:
+        self._runInBackground(_("Fetching the next case"), self.session.fetch_next_case, self._onCaseFetched,
+                              strategy=self._parameterNode.strategy.value)
+
+    def _onCaseFetched(self, case) -> None:
+        if case is None:
+            self.ui.caseLabel.text = _("Nothing left to review: every case is reviewed or held by a colleague.")
+            return
+        node = self.logic.showCase(case.image_path, name=case.case_id)
+        self._startCase(case, node)
+
+    def onSendVolume(self) -> None:
+        node = self._parameterNode.inputVolume
+        path = self.logic.workDirectory() / "uploads" / f"{node.GetID()}.nrrd"
+        with slicer.util.tryWithErrorDisplay(_("Cannot export the selected volume."), waitCursor=True):
+            self.logic.writeVolumeNode(node, path)
+            self._runInBackground(_("Sending the volume"), self.session.open_image,
+                                  lambda case: self._startCase(case, self.logic.showCase(imageNode=node)), path)
+
+    def _startCase(self, case, imageNode) -> None:
+        p = self._parameterNode
+        p.imageVolume = imageNode
+        p.entropyVolume = p.mutualInformationVolume = p.segmentation = None
+        self._observeSegmentation(None)
+        score = f", uncertainty score {case.score:.3f}" if case.score is not None else ""
+        self.ui.caseLabel.text = f"{case.case_id} ({case.split or '?'} split{score})"
+        self.ui.regionsTableWidget.setRowCount(0)
+        self.ui.regionStatusLabel.text = _("Press Run to segment the case.")
+        self.ui.submitStatusLabel.text = ""
+        self.ui.editedVoxelsLabel.text = _("No edits yet.")
+        p.wholeCase = False
+
+    def onSkipCase(self) -> None:
+        self._runInBackground(_("Giving the case back"), self.session.skip_case, self._onSkipped)
+
+    def _onSkipped(self, _result) -> None:
+        self.logic.removeCaseNodes(keep=[self._parameterNode.inputVolume])
+        self.ui.caseLabel.text = _("Skipped. Fetch the next case.")
+        self.ui.regionsTableWidget.setRowCount(0)
+
+    # ---- inference and display ------------------------------------------------------------------------------
+
+    def onRun(self) -> None:
+        p = self._parameterNode
+        self._runInBackground(_("Running the model"), self.session.infer, self._onInferred, passes=p.passes,
+                              uncertainty=p.uncertaintyKind.value, threshold=p.regionThreshold)
+
+    def _onInferred(self, result) -> None:
+        p = self._parameterNode
+        nodes = self.logic.showInference(result, p.imageVolume, kind=p.uncertaintyKind.value,
+                                         threshold=p.heatmapThreshold, opacity=p.heatmapOpacity,
+                                         visible=p.showHeatmap)
+        p.entropyVolume = nodes["entropy"]
+        p.mutualInformationVolume = nodes["mutual_information"]
+        p.segmentation = nodes["segmentation"]
+        editor = self.ui.embeddedSegmentEditorWidget
+        editor.setSegmentationNode(nodes["segmentation"])
+        editor.setSourceVolumeNode(p.imageVolume)
+        self._observeSegmentation(nodes["segmentation"])
+        self._fillRegionsTable()
+        self._showModelVersion()
+        n = len(result.regions)
+        self.ui.regionStatusLabel.text = (
+            _("{n} regions above {t:.2f}. Press Next ({key}) to visit the most uncertain first.").format(
+                n=n, t=result.threshold, key=NEXT_REGION_SHORTCUT) if n else
+            _("No region is above {t:.2f}: the model is fairly sure everywhere. Check the whole structure anyway.").format(
+                t=result.threshold))
+
+    def _applyDisplaySettings(self) -> None:
+        p = self._parameterNode
+        if p is None or p.entropyVolume is None or p.mutualInformationVolume is None:
+            return
+        shown = p.entropyVolume if p.uncertaintyKind == UncertaintyKind.ENTROPY else p.mutualInformationVolume
+        for node in (p.entropyVolume, p.mutualInformationVolume):
+            self.logic.setUncertaintyThreshold(node, p.heatmapThreshold)
+        self.logic.setSliceLayers(foreground=shown, foregroundOpacity=p.heatmapOpacity)
+        self.logic.setUncertaintyVisible(shown, p.showHeatmap)
+
+    # ---- review regions -------------------------------------------------------------------------------------
+
+    def _fillRegionsTable(self) -> None:
+        table = self.ui.regionsTableWidget
+        regions = self.session.regions if self.session else []
+        table.setRowCount(len(regions))
+        voxel_ml = self.logic.voxelVolumeMl(self._parameterNode.imageVolume)
+        for row, region in enumerate(regions):
+            cells = (str(region.rank), f"{region.voxel_count * voxel_ml:.2f}", f"{region.uncertainty_mean:.2f}",
+                     "✓" if region.rank in self.session.visited else "")
+            for column, text in enumerate(cells):
+                table.setItem(row, column, qt.QTableWidgetItem(text))
+        if self.session and self.session.current_index is not None:
+            table.selectRow(self.session.current_index)
+        if regions:
+            self.ui.regionStatusLabel.text = _("{visited} of {n} regions visited.").format(
+                visited=len(self.session.visited), n=len(regions))
+
+    def onNextRegion(self) -> None:
+        self._visitRegion(lambda: self.session.next_region())
+
+    def onPreviousRegion(self) -> None:
+        self._visitRegion(lambda: self.session.previous_region())
+
+    def onRegionClicked(self, row: int, column: int) -> None:
+        self._visitRegion(lambda: self.session.go_to_region(row))
+
+    def _visitRegion(self, step) -> None:
+        if self.session is None or self._state() != "inferred" or not self.session.regions:
+            return  # a shortcut pressed before there are regions does nothing
+        region = step()
+        self.logic.jumpToRegion(region, self._parameterNode.imageVolume)
+        self.logic.markRegionVisited(region.rank)
+        self._fillRegionsTable()
+
+    # ---- corrections ----------------------------------------------------------------------------------------
+
+    def _observeSegmentation(self, segmentationNode) -> None:
+        events = (slicer.vtkSegmentation.RepresentationModified, slicer.vtkSegmentation.SegmentModified)
+        if self._observedSegmentation is not None:
+            for event in events:
+                self.removeObserver(self._observedSegmentation, event, self._onSegmentationEdited)
+        self._observedSegmentation = segmentationNode.GetSegmentation() if segmentationNode else None
+        if self._observedSegmentation is not None:
+            for event in events:
+                self.addObserver(self._observedSegmentation, event, self._onSegmentationEdited)
+
+    def _onSegmentationEdited(self, caller=None, event=None) -> None:
+        self._editTimer.start()
+
+    def _updateEditedCount(self) -> None:
+        p = self._parameterNode
+        if self.session is None or self._state() != "inferred" or p.segmentation is None:
+            return
+        try:
+            corrected = self.logic.labelArrayFromSegmentation(p.segmentation, p.imageVolume)
+            edited = int(self.session.edited_mask(corrected).sum())
+            reviewed = int(self.session.reviewed_mask(corrected).sum())
+        except Exception as exc:  # e.g. a segment the user added that is not a model class
+            self.ui.editedVoxelsLabel.text = str(exc)
+            return
+        ml = self.logic.voxelVolumeMl(p.imageVolume)
+        self.ui.editedVoxelsLabel.text = _("{edited} voxels edited ({ml:.2f} mL); {reviewed} voxels count as reviewed.").format(
+            edited=edited, ml=edited * ml, reviewed=reviewed)
+
+    # ---- submit ---------------------------------------------------------------------------------------------
+
+    def onSubmit(self) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Cannot read the corrected segmentation."), waitCursor=True):
+            corrected = self.logic.labelArrayFromSegmentation(p.segmentation, p.imageVolume)
+            # A local copy first: if the backend is down, nothing the clinician did is lost.
+            caseDir = self.logic.workDirectory() / "cases" / self.session.case.case_id
+            self.logic.saveSegmentation(p.segmentation, caseDir / "corrected.seg.nrrd")
+            if p.wholeCase and not slicer.util.confirmOkCancelDisplay(
+                    _("Submit as a final label? Every voxel of the case will be trusted as checked.")):
+                return
+            self._runInBackground(_("Submitting"), self.session.submit, self._onSubmitted, corrected,
+                                  whole_case=p.wholeCase)
+
+    def _onSubmitted(self, revision: dict) -> None:
+        last = self.session.last_submission
+        self.ui.submitStatusLabel.text = _(
+            "Saved as revision {rev} ({kind}, {n} reviewed voxels, model {model}). Fetch the next case.").format(
+            rev=revision.get("revision", "?"), kind=last["kind"], n=last["reviewed_voxels"],
+            model=self.session.result.model_version)
+        self.ui.submitStatusLabel.setStyleSheet("color: #1e8449;")
+
+    # ---- training and models --------------------------------------------------------------------------------
+
+    def onStartTraining(self) -> None:
+        self._runInBackground(_("Queueing a training job"), self.session.start_training, self._onTrainingQueued,
+                              iterations=self._parameterNode.trainIterations)
+
+    def _onTrainingQueued(self, job: dict) -> None:
+        self._showJob(job)
+        self._trainingTimer.start()
+
+    def onStopTraining(self) -> None:
+        self._runInBackground(_("Stopping the training job"), self.session.cancel_training, self._showJob)
+
+    def _pollTraining(self) -> None:
+        from SSLSegmentLib.review_session import BackgroundTask
+
+        if self.session is None:
+            self._trainingTimer.stop()
+            return
+        task = self._trainingTask
+        if task is None:
+            self._trainingTask = BackgroundTask(_("training status"), self.session.training_status)
+            return
+        if not task.done():
+            return
+        self._trainingTask = None
+        job, error = task.outcome()
+        if error is not None:
+            self.ui.trainingStatusLabel.text = _("Cannot read the training status: {e}").format(e=error)
+            return
+        self._showJob(job)
+        if job is None or job.get("status") in ("succeeded", "failed", "cancelled"):
+            self._trainingTimer.stop()
+            self._showModelVersion()
+            self.onRefreshModels()
+
+    def _showJob(self, job) -> None:
+        from SSLSegmentLib.review_session import describe_job, job_fraction
+
+        self.ui.trainingStatusLabel.text = describe_job(job)
+        self.ui.trainingProgressBar.setRange(0, 100)
+        self.ui.trainingProgressBar.value = int(round(100 * job_fraction(job)))
+        self._updateButtonStates()
+
+    def onRefreshModels(self) -> None:
+        if self.session is None or self._task is not None:
+            return
+        self._runInBackground(_("Listing model versions"), self.session.models, self._fillModelsTable)
+
+    def _fillModelsTable(self, models: list) -> None:
+        table = self.ui.modelsTableWidget
+        table.setRowCount(len(models))
+        for row, model in enumerate(reversed(models)):  # newest first
+            dice = (model.get("metrics") or {}).get("val_dice")
+            trained = model.get("trained_on") or {}
+            cells = (model["version"], "-" if dice is None else f"{dice:.3f}",
+                     _("{l} labeled, {c} corrected").format(l=trained.get("n_labeled_cases", 0),
+                                                             c=trained.get("n_corrected_cases", 0)),
+                     "✓" if model.get("current") else "")
+            for column, text in enumerate(cells):
+                table.setItem(row, column, qt.QTableWidgetItem(text))
+        self._updateButtonStates()
+
+    def onUpdateModel(self) -> None:
+        row = self.ui.modelsTableWidget.currentRow()
+        if row < 0:
+            return
+        version = self.ui.modelsTableWidget.item(row, 0).text()
+        if not slicer.util.confirmOkCancelDisplay(_("Use model {v} for all inference from now on?").format(v=version)):
+            return
+        self._runInBackground(_("Switching the model"), self.session.promote, lambda answer: (
+            self._showModelVersion(), self.onRefreshModels()), version)
+
+
+#
+# SSLSegmentLogic
+#
+
+
+class InstallError(RuntimeError):
+    """Dependencies could not be installed; `restartRequired` says whether restarting Slicer would help."""
+
+    def __init__(self, message: str, restartRequired: bool = False):
+        super().__init__(message)
+        self.restartRequired = restartRequired
+
+
+class SSLSegmentLogic(ScriptedLoadableModuleLogic, ReviewSceneLogic):
+    """All MRML work of the module (inherited from ReviewSceneLogic, which runs on slicer.mrmlScene here), plus
+    what only the application can do: the dependency check and the local backend.
+
+    Usable without the widget, e.g. from the Python console:
+        logic = slicer.util.getModuleLogic("SSLSegment")
+        image = logic.showCase("/path/case.nrrd")
+    """
+
+    TORCH_VERSION = ">=2.2"
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        ReviewSceneLogic.__init__(self, scene=None)  # None: always the application's current scene
+
+    def getParameterNode(self):
+        return SSLSegmentParameterNode(super().getParameterNode())
+
+    def getSegmentEditorNode(self):
+        node = slicer.mrmlScene.GetSingletonNode("SSLSegment", "vtkMRMLSegmentEditorNode")
+        if node is None:
+            node = slicer.mrmlScene.CreateNodeByClass("vtkMRMLSegmentEditorNode")
+            node.UnRegister(None)
+            node.SetSingletonTag("SSLSegment")
+            node = slicer.mrmlScene.AddNode(node)
+        return node
+
+    def workDirectory(self) -> pathlib.Path:
+        """Downloaded images, inference outputs and local copies of submissions (kept across sessions)."""
+        folder = pathlib.Path(slicer.app.temporaryPath) / "SSLSegment"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    @staticmethod
+    def voxelVolumeMl(volumeNode) -> float:
+        if volumeNode is None:
+            return 0.0
+        sx, sy, sz = volumeNode.GetSpacing()
+        return sx * sy * sz / 1000.0
+
+    # ---- dependencies ---------------------------------------------------------------------------------------
+
+    def setupPythonRequirements(self, local: bool, askConfirmation: bool = True) -> bool:
+        """Make sure what a mode needs is installed; ask before installing. Returns True if Slicer must restart.
+
+        Remote mode needs nothing beyond Slicer (numpy, scipy and SimpleITK ship with it; the client is standard
+        library). Local mode runs the backend with Slicer's Python: PyTorch (through the PyTorch extension, which
+        picks the CUDA build for the GPU), MONAI, FastAPI and uvicorn.
+        """
+        import importlib.util
+
+        from SSLSegmentLib.review_session import LOCAL_BACKEND_REQUIREMENTS, missing_requirements
+
+        missing = missing_requirements(LOCAL_BACKEND_REQUIREMENTS) if local else []
+        needTorch = local and importlib.util.find_spec("torch") is None
+        if not missing and not needTorch:
+            return False
+        listing = ", ".join((["torch (PyTorch)"] if needTorch else []) + missing)
+        if askConfirmation and not slicer.app.commandOptions().testingEnabled:
+            if not slicer.util.confirmOkCancelDisplay(
+                    _("Running the backend on this computer needs these Python packages: {p}.\n\n"
+                      "Install them now? This downloads several hundred MB and can take a few minutes.").format(p=listing),
+                    windowTitle=_("SSLSegment")):
+                raise InstallError(_("Installation cancelled; choose a remote server or install later."))
+        if needTorch:
+            try:
+                import PyTorchUtils
+            except ModuleNotFoundError:
+                raise InstallError(_("Install the PyTorch extension from the Extensions Manager, restart Slicer, "
+                                     "and try again."), restartRequired=True) from None
+            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+            if not torchLogic.torchInstalled():
+                torch = torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=self.TORCH_VERSION)
+                if torch is None:
+                    raise InstallError(_("PyTorch was not installed."))
+        alreadyImported = [r for r in missing if r.split(">")[0].split("=")[0].strip().lower() in sys.modules]
+        if missing:
+            slicer.util.pip_install(missing)
+        still = missing_requirements(missing)
+        if still:
+            raise InstallError(_("Could not install: {p}").format(p=", ".join(still)))
+        if alreadyImported:
+            slicer.util.infoDisplay(_("Packages were updated that Slicer had already loaded ({p}). "
+                                      "Restart Slicer before starting the backend.").format(p=", ".join(alreadyImported)))
+            return True
+        return False
+
+    # ---- local backend --------------------------------------------------------------------------------------
+
+    def createLocalBackend(self, datastore):
+        """`sslsegment serve` + `worker` on 127.0.0.1 with Slicer's own Python and environment."""
+        import shutil
+
+        from SSLSegmentLib.review_session import LocalBackend
+
+        datastore = pathlib.Path(datastore).expanduser()
+        if not str(datastore).strip() or datastore == pathlib.Path():
+            raise ValueError(_("Choose a datastore folder for the local backend."))
+        python = shutil.which("PythonSlicer") or sys.executable
+        return LocalBackend(datastore, python=python, pythonpath=[LIBRARY_DIR], env=slicer.util.startupEnvironment(),
+                            log_dir=self.workDirectory() / "local-backend-logs")
+
+
+#
+# SSLSegmentTest
+#
+
+
+class SSLSegmentTest(ScriptedLoadableModuleTest):
+    """Runs inside Slicer (ctest: py_SSLSegment, or the Reload & Test button).
+
+    test_ReviewLogic: the Logic on the application's scene with phantom data: heat overlay, segmentation import,
+    review regions, slice jumps, the corrected label map and its reviewed mask, .seg.nrrd saved and loaded back
+    through Slicer's own loader.
+    test_ReviewSessionOnLocalBackend: a whole case against a local backend started with PythonSlicer, using the
+    bundled phantom model (needs the local-mode packages; it says so and stops if they are missing).
+    """
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_ReviewLogic()
+        self.setUp()
+        self.test_ReviewSessionOnLocalBackend()
+
+    def _phantomCase(self, folder):
+        import numpy as np
+
+        from SSLSegmentLib.data.imageio import write_volume
+        from SSLSegmentLib.data.phantoms import PhantomConfig, make_phantom
+        from SSLSegmentLib.regions import find_review_regions
+
+        image, label = make_phantom(11, PhantomConfig(shape=(24, 32, 32)))
+        # A prediction that misses the target's last slices, and uncertainty high on its boundary band.
+        predicted = label.array.copy()
+        predicted[18:] = 0
+        from scipy import ndimage
+
+        band = ndimage.binary_dilation(label.array, iterations=1) ^ ndimage.binary_erosion(label.array, iterations=1)
+        uncertainty = np.where(band, 0.8, 0.05).astype(np.float32)
+        paths = {"label": write_volume(image.like(predicted), folder / "label.nrrd"),
+                 "entropy": write_volume(image.like(uncertainty), folder / "entropy.nrrd"),
+                 "mutual_information": write_volume(image.like(uncertainty * 0.5), folder / "mi.nrrd"),
+                 "image": write_volume(image, folder / "image.nrrd")}
+        regions, rankMap = find_review_regions(uncertainty, 0.5, geometry=image.geometry)
+        return image, label, predicted, paths, regions, rankMap
+
+    def test_ReviewLogic(self):
+        import tempfile
+
+        import numpy as np
+
+        from SSLSegmentLib.review_session import reviewed_mask
+
+        self.delayDisplay("Review logic on a phantom")
+        folder = pathlib.Path(tempfile.mkdtemp(prefix="SSLSegmentTest-"))
+        image, label, predicted, paths, regions, rankMap = self._phantomCase(folder)
+        self.assertGreater(len(regions), 0)
+
+        class Result:  # the parts of review_session.InferenceResult that showInference reads
+            pass
+
+        result = Result()
+        result.paths, result.regions = paths, regions
+        logic = SSLSegmentLogic()
+        imageNode = logic.showCase(paths["image"], name="phantom")
+        nodes = logic.showInference(result, imageNode, kind="entropy", threshold=0.3, opacity=0.5)
+        self.assertEqual(nodes["entropy"].GetDisplayNode().GetColorNodeID(), "vtkMRMLPETProceduralColorNodePET-Heat")
+        redComposite = slicer.app.layoutManager().sliceWidget("Red").sliceLogic().GetSliceCompositeNode()
+        self.assertEqual(redComposite.GetForegroundVolumeID(), nodes["entropy"].GetID())
+        np.testing.assert_array_equal(logic.labelArrayFromSegmentation(nodes["segmentation"], imageNode), predicted)
+
+        ras = logic.jumpToRegion(regions[0], imageNode)
+        redSlice = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
+        np.testing.assert_allclose([redSlice.GetSliceToRAS().GetElement(i, 3) for i in range(3)], ras, atol=1e-3)
+        logic.markRegionVisited(regions[0].rank)
+
+        # The clinician restores the missing slices (what Paint does to the segment).
+        slicer.util.updateSegmentBinaryLabelmapFromArray(
+            label.array, nodes["segmentation"], nodes["segmentation"].GetSegmentation().GetNthSegmentID(0), imageNode)
+        corrected = logic.labelArrayFromSegmentation(nodes["segmentation"], imageNode)
+        np.testing.assert_array_equal(corrected, label.array)
+        mask = reviewed_mask(rankMap, {regions[0].rank}, predicted, corrected)
+        np.testing.assert_array_equal(mask.astype(bool), (rankMap == regions[0].rank) | (predicted != label.array))
+
+        segFile = logic.saveSegmentation(nodes["segmentation"], folder / "corrected.seg.nrrd")
+        loaded = slicer.util.loadSegmentation(str(segFile))
+        self.assertEqual(loaded.GetSegmentation().GetNthSegment(0).GetName(), "target")
+        np.testing.assert_array_equal(logic.labelArrayFromSegmentation(loaded, imageNode), label.array)
+        self.delayDisplay("Review logic passed")
+
+    def test_ReviewSessionOnLocalBackend(self):
+        import tempfile
+
+        import numpy as np
+
+        from SSLSegmentLib.review_session import (
+            LOCAL_BACKEND_REQUIREMENTS,
+            ReviewSession,
+            missing_requirements,
+        )
+
+        missing = missing_requirements(LOCAL_BACKEND_REQUIREMENTS + ("torch>=2.2",))
+        if missing:
+            self.delayDisplay(f"Local backend test not run: missing {', '.join(missing)} (install them from the "
+                              "module's Backend section, Start on this computer)")
+            return
+        self.delayDisplay("Whole case on a local backend with the bundled phantom model")
+        folder = pathlib.Path(tempfile.mkdtemp(prefix="SSLSegmentTest-"))
+        logic = SSLSegmentLogic()
+        model = pathlib.Path(os.path.dirname(__file__)) / "Resources" / "Models" / "phantom-tiny.pt"
+        python = logic.createLocalBackend(folder / "store").python
+        import subprocess
+
+        env = dict(slicer.util.startupEnvironment())
+        env["PYTHONPATH"] = os.pathsep.join([LIBRARY_DIR, env.get("PYTHONPATH", "")])
+        subprocess.check_call([python, "-m", "training.cli", "make-phantoms", str(folder / "phantoms"), "--train", "4",
+                               "--val", "2", "--test", "0", "--shape", "24", "32", "32"], env=env)
+        subprocess.check_call([python, "-m", "training.cli", "import-datastore", str(folder / "phantoms"),
+                               "--datastore", str(folder / "store"), "--labels", "val", "--model", str(model)], env=env)
+        backend = logic.createLocalBackend(folder / "store").start().wait_until_ready(timeout=180)
+        try:
+            session = ReviewSession(backend.client(), folder / "work", annotator="selftest")
+            session.connect()
+            case = session.fetch_next_case()
+            self.assertIsNotNone(case)
+            imageNode = logic.showCase(case.image_path, name=case.case_id)
+            result = session.infer(passes=4)
+            nodes = logic.showInference(result, imageNode)
+            for _i in range(min(2, len(result.regions))):
+                region = session.next_region()
+                logic.jumpToRegion(region, imageNode)
+            corrected = logic.labelArrayFromSegmentation(nodes["segmentation"], imageNode)
+            corrected[0] = 0  # an edit
+            if not session.visited and not np.any(corrected != result.label.array):
+                corrected[0, 0, 0] = 1
+            revision = session.submit(corrected)
+            history = session.client.label_history(case.case_id)
+            self.assertEqual(history[-1]["revision"], revision["revision"])
+            self.assertEqual(history[-1]["kind"], "correction")
+            self.assertEqual(history[-1]["model_version"], result.model_version)
+        finally:
+            backend.stop()
+        self.delayDisplay("Local backend session passed")
