@@ -244,6 +244,9 @@ class ReviewSceneLogic:
 
     def writeVolumeNode(self, node, path: str | os.PathLike) -> Path:
         """Write a volume node with Slicer's writer (RAS→LPS is Slicer's), through a temporary name and a rename."""
+        if node.GetParentTransformNode() is not None:
+            # The file would hold the untransformed grid while the user sees the transformed one.
+            raise ImageError(f"volume {node.GetName()!r} is under a transform; harden or remove the transform first")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")

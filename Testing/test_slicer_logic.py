@@ -88,6 +88,8 @@ def test_transformed_volume_is_refused(headless, phantom):
     node.SetAndObserveTransformNodeID(transform.GetID())
     with pytest.raises(ImageError, match="transform"):
         sa.volume_from_node(node)
+    with pytest.raises(ImageError, match="transform"):
+        logic.writeVolumeNode(node, "unused.nrrd")
 
 
 def test_missing_file_is_a_clear_error(headless, tmp_path):
