@@ -200,6 +200,7 @@ class SSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.stopTrainingButton.connect("clicked(bool)", self.onStopTraining)
         self.ui.refreshModelsButton.connect("clicked(bool)", self.onRefreshModels)
         self.ui.updateModelButton.connect("clicked(bool)", self.onUpdateModel)
+        self.ui.modelsTableWidget.connect("itemSelectionChanged()", self._updateButtonStates)
 
         for key, slot in ((NEXT_REGION_SHORTCUT, self.onNextRegion), (PREVIOUS_REGION_SHORTCUT, self.onPreviousRegion)):
             shortcut = qt.QShortcut(qt.QKeySequence(key), slicer.util.mainWindow())
@@ -319,7 +320,7 @@ class SSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             hint = _("The backend refused the token. Paste the token printed by `sslsegment serve`.")
         elif isinstance(exc, BackendUnavailable):
             hint = _("The backend cannot be reached. Is it running, and is the address right?")
-        elif isinstance(exc, ConflictError):
+        elif isinstance(exc, ConflictError) and "model" in str(exc).lower():
             hint = _("The backend has no model yet: start a training job first (Training section).")
         else:
             hint = ""
@@ -465,8 +466,11 @@ class SSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _startCase(self, case, imageNode) -> None:
         p = self._parameterNode
+        wasModified = p.StartModify()
         p.imageVolume = imageNode
         p.entropyVolume = p.mutualInformationVolume = p.segmentation = None
+        p.wholeCase = False
+        p.EndModify(wasModified)
         self._observeSegmentation(None)
         score = f", uncertainty score {case.score:.3f}" if case.score is not None else ""
         self.ui.caseLabel.text = f"{case.case_id} ({case.split or '?'} split{score})"
@@ -474,7 +478,6 @@ class SSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.regionStatusLabel.text = _("Press Run to segment the case.")
         self.ui.submitStatusLabel.text = ""
         self.ui.editedVoxelsLabel.text = _("No edits yet.")
-        p.wholeCase = False
 
     def onSkipCase(self) -> None:
         self._runInBackground(_("Giving the case back"), self.session.skip_case, self._onSkipped)
@@ -496,9 +499,11 @@ class SSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         nodes = self.logic.showInference(result, p.imageVolume, kind=p.uncertaintyKind.value,
                                          threshold=p.heatmapThreshold, opacity=p.heatmapOpacity,
                                          visible=p.showHeatmap)
+        wasModified = p.StartModify()  # one GUI update for the three references, not three
         p.entropyVolume = nodes["entropy"]
         p.mutualInformationVolume = nodes["mutual_information"]
         p.segmentation = nodes["segmentation"]
+        p.EndModify(wasModified)
         editor = self.ui.embeddedSegmentEditorWidget
         editor.setSegmentationNode(nodes["segmentation"])
         editor.setSourceVolumeNode(p.imageVolume)
@@ -556,6 +561,7 @@ class SSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.jumpToRegion(region, self._parameterNode.imageVolume)
         self.logic.markRegionVisited(region.rank)
         self._fillRegionsTable()
+        self._editTimer.start()  # the reviewed-voxel count grows with each visited region
 
     # ---- corrections ----------------------------------------------------------------------------------------
 
