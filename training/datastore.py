@@ -960,6 +960,8 @@ class Datastore:
         than `stale_after_s` (another host, or a hung process)."""
         host, now = socket.gethostname(), time.time()
         recovered = []
+        if self.db.execute("SELECT 1 FROM jobs WHERE status = 'running' LIMIT 1").fetchone() is None:
+            return recovered  # the common idle case: no write transaction, no fsync
         with self._tx() as db:
             for row in db.execute("SELECT * FROM jobs WHERE status = 'running'").fetchall():
                 dead = row["host"] == host and row["pid"] is not None and not _pid_alive(row["pid"])
