@@ -269,7 +269,7 @@ class Trainer:
         out = self.method.compute_loss(ctx)
         if not torch.isfinite(out.loss):
             raise TrainingError(
-                f"loss became {float(out.loss)} at step {self.step} (terms {out.terms}); "
+                f"loss became {float(out.loss.detach())} at step {self.step} (terms {out.terms}); "
                 f"try a lower learning rate (now {lr})"
             )
         self.optimizer.zero_grad(set_to_none=True)

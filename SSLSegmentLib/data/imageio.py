@@ -7,6 +7,7 @@ never sees a half-written file and an existing file is never left truncated.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -135,33 +136,36 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, overwrite: bool = True) -> Path:
-    """Write bytes to `path` through a fsynced temporary file and a rename."""
-    path = Path(path)
+@contextlib.contextmanager
+def _atomic_target(path: Path, overwrite: bool, suffix: str):
+    """Yield a temporary path next to `path`; on success fsync it and move it into place (never half-written)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if not overwrite and path.exists():
         raise FileExistsError(f"{path} exists and is immutable")
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.name, dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
+        yield tmp
+        with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        _commit_tmp(Path(tmp), path, overwrite)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            # link() fails if the target exists, so two writers can never both "create" the same revision.
+            os.link(tmp, path)
+            tmp.unlink()
+        _fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, overwrite: bool = True) -> Path:
+    """Write bytes to `path` through a fsynced temporary file and a rename."""
+    path = Path(path)
+    with _atomic_target(path, overwrite, path.name) as tmp:
+        tmp.write_bytes(data)
     return path
-
-
-def _commit_tmp(tmp: Path, path: Path, overwrite: bool) -> None:
-    if overwrite:
-        os.replace(tmp, path)
-    else:
-        # link() fails if the target exists, so two writers can never both "create" the same revision.
-        os.link(tmp, path)
-        tmp.unlink()
-    _fsync_dir(path.parent)
 
 
 def write_volume(volume: Volume, path: str | os.PathLike, *, overwrite: bool = True, compress: bool = True) -> Path:
@@ -169,20 +173,9 @@ def write_volume(volume: Volume, path: str | os.PathLike, *, overwrite: bool = T
     path = Path(path)
     if not str(path).endswith(IMAGE_SUFFIXES):
         raise ImageError(f"{path}: unsupported suffix; use one of {', '.join(IMAGE_SUFFIXES)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not overwrite and path.exists():
-        raise FileExistsError(f"{path} exists and is immutable")
     suffix = ".nii.gz" if str(path).endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        sitk.WriteImage(volume.to_sitk(), tmp, useCompression=compress)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        _commit_tmp(Path(tmp), path, overwrite)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with _atomic_target(path, overwrite, suffix) as tmp:
+        sitk.WriteImage(volume.to_sitk(), str(tmp), useCompression=compress)
     return path
 
 
