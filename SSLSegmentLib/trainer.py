@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import io
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field

@@ -10,7 +10,7 @@ head T times. "trunk" placement uses MONAI's own per-block dropout instead (the 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn

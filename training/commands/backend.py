@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from training.commands import parse_key_values
+
 import json
 from pathlib import Path
 
@@ -65,19 +67,6 @@ def register(sub) -> None:
     p.add_argument("--datastore", required=True)
     p.add_argument("changes", nargs="*", metavar="KEY=VALUE", help='e.g. retrain_every=5 train=\'{"iterations": 200}\'')
     p.set_defaults(func=cmd_settings)
-
-
-def _parse_pairs(pairs: list[str]) -> dict:
-    out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ValueError(f"expected KEY=VALUE, got {pair!r}")
-        k, v = pair.split("=", 1)
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
 
 
 def cmd_serve(args) -> int:
@@ -171,6 +160,6 @@ def cmd_settings(args) -> int:
     from training.datastore import Datastore
 
     store = Datastore(args.datastore)
-    settings = store.update_settings(_parse_pairs(args.changes)) if args.changes else store.settings
+    settings = store.update_settings(parse_key_values(args.changes)) if args.changes else store.settings
     print(json.dumps(settings, indent=2))
     return 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from training.commands import parse_key_values
+
 import json
 from pathlib import Path
 
@@ -67,19 +69,6 @@ def cmd_make_phantoms(args) -> int:
     return 0
 
 
-def _parse_options(pairs: list[str]) -> dict:
-    out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ValueError(f"--method-option expects KEY=VALUE, got {pair!r}")
-        k, v = pair.split("=", 1)
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
-
-
 def cmd_train(args) -> int:
     from SSLSegmentLib.methods import available_methods
     from SSLSegmentLib.networks import NetworkConfig
@@ -92,7 +81,7 @@ def cmd_train(args) -> int:
         raise FileNotFoundError(f"data set folder {args.data} does not exist")
     net = NetworkConfig(arch=args.arch, channels=tuple(args.channels), strides=(2,) * (len(args.channels) - 1))
     cfg = TrainConfig(
-        method=args.method, method_options=_parse_options(args.method_option), network=net.to_dict(),
+        method=args.method, method_options=parse_key_values(args.method_option), network=net.to_dict(),
         patch_size=tuple(args.patch), batch_labeled=args.batch[0], batch_unlabeled=args.batch[1],
         iterations=args.iterations, lr=args.lr, val_interval=args.val_interval, seed=args.seed, device=args.device,
     )
