@@ -10,6 +10,7 @@ COMMAND_MODULES = [
     "training.commands.core",
     "training.commands.demo",
     "training.commands.backend",
+    "training.commands.la",
 ]
 
 
