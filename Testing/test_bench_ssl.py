@@ -1,0 +1,66 @@
+"""The benchmark runner's bookkeeping: run plan, scaled configs, summaries over seeds, the table (no training here)."""
+
+import argparse
+import math
+
+import pytest
+
+from training.bench.ssl import DEFAULT_METHODS, PROFILES, markdown_table, plan_tasks, scaled_config, summarize_runs
+
+
+def test_all_eight_methods_by_default_and_full_runs_once_per_seed(tmp_path):
+    assert DEFAULT_METHODS == ["supervised", "full", "mean-teacher", "ua-mt", "ug-mcl", "sgrs", "lcc", "brl"]
+    p = PROFILES["la-quick"]
+    tasks = plan_tasks(p, tmp_path, tmp_path, DEFAULT_METHODS, [0, 1], [4, 8], p.config, argparse.Namespace(device="cuda"))
+    assert len(tasks) == 2 * (1 + 2 * 7)
+    assert sum(t["method"] == "full" for t in tasks) == 2
+    assert all(t["config"]["device"] == "cuda" for t in tasks)
+    assert len({t["out_dir"] for t in tasks}) == len(tasks)
+
+
+def test_reduced_iterations_keep_the_schedule_shares():
+    p = PROFILES["paper"]
+    cfg = scaled_config(p, 600)
+    assert cfg["iterations"] == 600 and cfg["lr_step"] == 250 and cfg["rampup_steps"] == 600
+    assert cfg["val_interval"] == 120  # at least 5 validations
+    assert scaled_config(p, None) == p.config
+
+
+def _run(method, n, seed, dice):
+    test = {"dice": dice, "jaccard": dice / (2 - dice), "hd95_vox": 5.0, "asd_vox": 1.0}
+    return {"method": method, "n_labeled": n, "seed": seed, "test": test,
+            "test_sd_over_cases": {k: 0.1 for k in test}, "best_val_dice": dice, "best_step": 100, "train_seconds": 10.0}
+
+
+def test_summary_over_seeds_and_gap_closed():
+    runs = [_run("supervised", 4, 0, 0.60), _run("supervised", 4, 1, 0.70), _run("full", "all", 0, 0.90),
+            _run("full", "all", 1, 0.90), _run("sgrs", 4, 0, 0.80), _run("sgrs", 4, 1, 0.80)]
+    rows = summarize_runs(runs, ["supervised", "full", "sgrs"], [4])["4"]
+    assert rows["supervised"]["test"]["dice"][0] == pytest.approx(0.65)
+    assert rows["supervised"]["test"]["dice"][1] == pytest.approx(math.sqrt(0.005))  # sd over the two seeds
+    assert rows["sgrs"]["gap_closed_test"] == pytest.approx((0.80 - 0.65) / (0.90 - 0.65))
+    one = summarize_runs(runs[:1] + runs[2:3] + runs[4:5], ["supervised", "full", "sgrs"], [4])["4"]
+    assert one["sgrs"]["test"]["dice"] == (0.80, 0.1)  # one seed: the sd over test cases
+
+
+def test_table_names_the_device_and_flags_a_reduced_run():
+    runs = [_run("supervised", 8, 0, 0.6), _run("full", "all", 0, 0.9), _run("lcc", 8, 0, 0.7)]
+    result = {"profile": "paper", "description": "d", "seeds": [0], "config": scaled_config(PROFILES["paper"], 300),
+              "profile_iterations": 6000, "environment": {"device": "NVIDIA H100 80GB HBM3", "machine": "x86_64",
+              "processor": "x86_64", "cpu_threads": 2, "python": "3", "torch": "2", "monai": "1", "date": "today"},
+              "summary": summarize_runs(runs, ["supervised", "full", "lcc"], [8]), "notes": ["dev test split"]}
+    md = markdown_table(result)
+    assert "NVIDIA H100 80GB HBM3" in md and "Reduced run: 300 iterations" in md and "dev test split" in md
+    assert "| lcc | 70.00 ± 10.00 |" in md and "33%" in md
+
+
+def test_fit_iterations_packs_runs_into_the_time_budget():
+    from training.bench.ssl import fit_iterations
+
+    cost = {"rows": [{"method": "supervised", "wall_s_per_it": 0.1}, {"method": "full", "wall_s_per_it": 0.1},
+                     {"method": "sgrs", "wall_s_per_it": 0.3}]}
+    # runs: full once, supervised and sgrs once per labeled count → 0.1 + 2·(0.1 + 0.3) = 0.9 s per iteration, 3 jobs
+    assert fit_iterations(cost, ["supervised", "full", "sgrs"], [4, 8], 3, 300) == 1000
+    assert fit_iterations(cost, ["supervised"], [8], 1, 1) == 50  # never below one step
+    with pytest.raises(ValueError, match="lcc"):
+        fit_iterations(cost, ["lcc"], [8], 1, 100)
