@@ -154,8 +154,8 @@ def predict_volume(
         versions for the ensemble estimator.
     passes: T, the stochastic passes (MC dropout, head MC) or flip combinations; 1 = one deterministic pass.
     estimator: one of ESTIMATORS; None = DEFAULT_ESTIMATOR with fallbacks (see resolve_estimator).
-    pass_batch: passes run as one batch; "auto" = measured per device (DEFAULT_PASS_BATCH; head MC runs all T heads
-        as one product); None = all T at once; 1 = one after another.
+    pass_batch: passes run as one batch; "auto" = measured per device (DEFAULT_PASS_BATCH); None = all T at once;
+        1 = one after another.
     amp: bfloat16 autocast (None = on for CUDA). temperature: a fitted calibration (float τ or Calibration).
     stitch_device: where the stitched output lives (None = the compute device unless too big for the GPU).
     seed: dropout masks (head) and dropout sampling (elsewhere) depend on it alone; the caller's RNG is untouched.
@@ -173,8 +173,10 @@ def predict_volume(
     models = list(model) if isinstance(model, (list, tuple)) else [model]
     for m in models:
         m.to(dev)
+    if not (pass_batch in ("auto", None) or (isinstance(pass_batch, int) and pass_batch >= 1)):
+        raise ValueError(f"pass_batch must be 'auto', None (all passes at once) or an integer >= 1, got {pass_batch!r}")
     if pass_batch == "auto":
-        pass_batch = None if name == "head_mc" else DEFAULT_PASS_BATCH.get(dev.type, 1)
+        pass_batch = DEFAULT_PASS_BATCH.get(dev.type, 1)
     est = make_estimator(name, models if name == "ensemble" else models[0], passes, seed, pass_batch, flip_axes)
     use_amp = (dev.type == "cuda") if amp is None else bool(amp)
 

@@ -90,7 +90,6 @@ def _ece(p: np.ndarray, y: np.ndarray, bins: int) -> float:
     conf = p.max(0)
     correct = (p.argmax(0) == y).astype(np.float64)
     idx = np.clip((conf * bins).astype(np.int64), 0, bins - 1)
-    n = np.bincount(idx, minlength=bins).astype(np.float64)
     acc = np.bincount(idx, weights=correct, minlength=bins)
     cnf = np.bincount(idx, weights=conf, minlength=bins)
     return float(np.abs(acc - cnf).sum() / conf.size)

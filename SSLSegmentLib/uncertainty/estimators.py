@@ -14,8 +14,8 @@ Estimators (`ESTIMATORS`):
     plain       one deterministic forward pass (eval mode); no epistemic part.
     mc_dropout  full MC dropout: the whole network runs T times with dropout sampling.
     head_mc     head MC dropout: the deterministic trunk runs once, only the stochastic head T times. Needs dropout
-                confined to the head (SegNet.head_only_dropout). With a Dropout3d → 1×1-conv head the T heads are
-                one matrix product per window.
+                confined to the head (SegNet.head_only_dropout). With a Dropout3d → 1×1-conv head each pass is
+                one small matrix product with the mask folded into the weights.
     flips       test-time flips: T of the 8 flip combinations of the window's axes, predictions flipped back.
     ensemble    one deterministic pass of each model version in a list.
 
@@ -39,8 +39,9 @@ ESTIMATORS = ("plain", "mc_dropout", "head_mc", "flips", "ensemble")
 # Chosen from benchmarks/results/uncertainty.md: as good at finding errors as full MC dropout at close to the cost
 # of one forward pass. Models without head-only dropout fall back (see `resolve_estimator`).
 DEFAULT_ESTIMATOR = "head_mc"
-# Passes run together in one batch, per device type (None = all T at once). Measured: on a CPU sequential passes are
-# faster than batched ones and need less memory; on a GPU batching fills the device.
+# Passes run together in one batch, per device type (None = all T at once). Measured (benchmarks/results/
+# uncertainty.md): on a CPU one pass at a time is faster (the activations of one pass stay in cache) and needs less
+# memory, for the whole network and for head MC's heads alike; on a GPU batching fills the device.
 DEFAULT_PASS_BATCH: dict[str, int | None] = {"cpu": 1, "cuda": None}
 
 _DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
@@ -167,15 +168,29 @@ class PassStatistics:
         """d: (N, B, 1, ...) logit differences l₁ − l₀ of N two-class passes."""
         d = d.float()
         p1 = torch.sigmoid(d)
-        h = torch.nn.functional.softplus(d) - d * p1
+        h = torch.nn.functional.softplus(d).addcmul_(d, p1, value=-1.0)
+        if d.shape[0] == 1:  # one pass: no reduction, and in-place sums (this runs T times per window)
+            p1, h = p1[0], h[0]
+            if self.sums is None:
+                self._accumulate(True, [p1, h, p1 * p1], 1)
+            else:
+                self._check_kind(True)
+                self.sums[0].add_(p1)
+                self.sums[1].add_(h)
+                self.sums[2].addcmul_(p1, p1)
+                self.count += 1
+            return
         self._accumulate(True, [p1.sum(0), h.sum(0), (p1 * p1).sum(0)], d.shape[0])
+
+    def _check_kind(self, binary: bool) -> None:
+        if binary != self.binary:
+            raise RuntimeError("passes of one window mix two-class and multi-class logits")
 
     def _accumulate(self, binary: bool, sums: list[torch.Tensor], n: int) -> None:
         if self.sums is None:
             self.binary, self.sums = binary, sums
         else:
-            if binary != self.binary:
-                raise RuntimeError("passes of one window mix two-class and multi-class logits")
+            self._check_kind(binary)
             for acc, s in zip(self.sums, sums):
                 acc += s
         self.count += n
@@ -409,14 +424,15 @@ class MCDropoutEstimator(_SeededDropoutMixin, UncertaintyEstimator):
 class HeadMCDropoutEstimator(_SeededDropoutMixin, UncertaintyEstimator):
     """Head MC dropout: trunk once per window, the stochastic head T times.
 
-    For SegNet's Dropout3d → 1×1-conv head, dropping feature channel f scales column f of the conv weight, so the T
-    heads fold into one matrix product: logits[t] = (W·diag(m_t)) f + b. Other heads run `net.head` T times with the
+    For SegNet's Dropout3d → 1×1-conv head, dropping feature channel f scales column f of the conv weight, so a pass
+    is one matrix product with the mask folded into the weights: logits[t] = (W·diag(m_t)) f + b (a batch of passes is
+    one product with stacked weights; two classes need only the logit difference). Other heads run `net.head` with the
     same explicit masks. Either way the samples equal full MC dropout's for the same seed.
     """
 
     name = "head_mc"
 
-    def __init__(self, model: nn.Module, passes: int = 8, seed: int = 0, pass_batch: int | None = None, fold: bool = True):
+    def __init__(self, model: nn.Module, passes: int = 8, seed: int = 0, pass_batch: int | None = 1, fold: bool = True):
         super().__init__(passes, seed, pass_batch)
         if not has_head_only_dropout(model):
             raise ValueError(
