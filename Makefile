@@ -34,3 +34,9 @@ clean:
 .PHONY: bench-backend
 bench-backend: $(STAMP)
 	$(BIN)/python -m training.bench.backend --profile $${PROFILE:-quick}
+
+# Uncertainty estimators: time, memory and error detection on the CPU (benchmarks/results/uncertainty.{json,md}).
+# A GPU column comes from `python -m training.bench.uncertainty --device cuda --parts speed --json-out X` on a GPU
+# machine, merged with `--merge-gpu X`.
+bench-uncertainty: $(STAMP)
+	$(BIN)/python -m training.bench.uncertainty
