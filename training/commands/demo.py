@@ -1,67 +1,102 @@
-"""`sslsegment demo`: the main job on its embedded default, with nothing to prepare.
+"""`sslsegment demo` (`make demo`): the interactive-refinement loop end to end on its embedded default.
 
-phantom data set with few labels → a `brl` teacher → evaluation on the test split → uncertainty on one case.
+    phantom data set (few labels) → brl teacher trained by the backend's worker → server + worker on 127.0.0.1
+    → a simulated clinician reviews the uncertainty regions of the cases `GET /cases/next?strategy=uncertainty` serves,
+      submits corrections, the backend retrains after each round; the same from the same teacher with random regions
+      of the same sizes, the oracle's largest errors, and no correction
+    → report (markdown + PNGs) under OUT/report/, whose path is printed at the end.
+
+Sized to finish within 20 minutes on 2 CPU cores (see docs/refinement.md for the measurements behind the defaults).
+Running it again into the same folder reuses the phantoms and replaces the previous run's datastores and report.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
+MARKER = ".sslsegment-demo"
+PHANTOMS = {"n_train": 24, "n_val": 4, "n_test": 6}
+
 
 def register(sub) -> None:
-    p = sub.add_parser("demo", help="run the embedded default end to end on phantom data")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--iterations", type=int, default=400)
-    p.add_argument("--labeled", type=int, default=4)
+    p = sub.add_parser("demo", help="run the interactive-refinement loop end to end on phantom data (report under OUT)")
+    p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
+    p.add_argument("--rounds", type=int, default=3, help="review + retrain rounds per strategy")
+    p.add_argument("--cases-per-round", type=int, default=2, help="cases the clinician reviews per round")
+    p.add_argument("--budget", type=float, default=0.02, help="share of a case's voxels the clinician reviews (0.02 = 2%%)")
+    p.add_argument("--labeled", type=int, default=4, help="train cases labeled at the start")
+    p.add_argument("--teacher-iterations", type=int, default=300)
+    p.add_argument("--finetune-iterations", type=int, default=60)
+    p.add_argument("--arms", nargs="+", default=["uncertainty", "random", "oracle", "none"],
+                   help="strategies to compare (uncertainty random boundary oracle none uncertainty-full-label)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads of the worker, server and evaluation")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_demo)
+
+
+def _prepare_out(out: Path) -> None:
+    """A demo folder is ours to refresh; any other non-empty folder is refused (nothing of the user's is deleted)."""
+    from training.cli import CommandError
+
+    if out.exists() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise CommandError(f"{out} exists and was not made by `sslsegment demo`; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("made by sslsegment demo; the work/ and report/ folders are replaced on every run\n")
+    for sub in ("work", "report"):
+        shutil.rmtree(out / sub, ignore_errors=True)
 
 
 def cmd_demo(args) -> int:
     import torch
 
-    from SSLSegmentLib.data.dataset import DataSet
-    from SSLSegmentLib.data.imageio import write_volume
     from SSLSegmentLib.data.phantoms import PhantomConfig, write_phantom_dataset
-    from SSLSegmentLib.inference import predict_volume
-    from SSLSegmentLib.regions import find_review_regions
-    from SSLSegmentLib.trainer import TrainConfig, model_from_checkpoint
-    from training.experiment import run_experiment
+    from training.refinement import Console, LoopConfig, LoopError, finetune_params, run_loop, save_detail
+    from training.report import write_report
+    from training.cli import CommandError
 
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
+    cfg = LoopConfig(
+        arms=list(args.arms), rounds=args.rounds, cases_per_round=args.cases_per_round, budget_fraction=args.budget,
+        n_labeled=args.labeled,
+        teacher={"method": "brl", "iterations": args.teacher_iterations, "lr": 0.02, "lr_schedule": "poly",
+                 "val_interval": max(1, args.teacher_iterations // 3)},
+        finetune=finetune_params(args.finetune_iterations),
+        threads=args.threads, seed=args.seed,
+    )
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
+    _prepare_out(out)
+    console = Console()
     t0 = time.time()
     data = out / "data"
-    if not (data / "dataset.json").is_file():
-        print(f"[1/3] phantom data set → {data}")
-        write_phantom_dataset(data, n_train=24, n_val=4, n_test=6, config=PhantomConfig(), seed=args.seed, progress=True)
-    cfg = TrainConfig(method="brl", iterations=args.iterations, lr=0.02, lr_schedule="poly", val_interval=100,
-                      seed=args.seed, device=args.device)
-    print(f"[2/3] training a brl teacher with {args.labeled} labeled cases ({args.iterations} iterations)")
-    result = run_experiment(data, cfg, args.labeled, out / "teacher", progress_bar=True)
-    s = result["test"]["summary"]
-    print(f"      test Dice {100 * s['dice']['mean']:.1f} ± {100 * s['dice']['sd']:.1f} %, HD95 {s['hd95_vox']['mean']:.1f} vox")
-    print("[3/3] uncertainty and review regions on one test case")
-    ds = DataSet(data)
-    case = ds.splits["test"][0]
-    image, _ = ds.load_pair(case)
-    model, _ = model_from_checkpoint(out / "teacher" / "best.pt")
-    pred = predict_volume(model, image, cfg.patch_size, passes=8, device=args.device)
-    for name, vol in pred.volumes(image).items():
-        write_volume(vol, out / "prediction" / case / f"{name}.nrrd")
-    regions, _ = find_review_regions(pred.entropy, threshold=0.5, geometry=image.geometry)
-    summary = {
-        "test_dice": s["dice"]["mean"],
-        "test_hd95_vox": s["hd95_vox"]["mean"],
-        "case": case,
-        "review_regions": [r.to_dict() for r in regions[:10]],
-        "checkpoint": str(out / "teacher" / "best.pt"),
-        "seconds": time.time() - t0,
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"      {len(regions)} review regions; top: " + ", ".join(f"#{r.rank} {r.voxel_count} vox" for r in regions[:3]))
-    print(f"done in {time.time() - t0:.0f} s; results in {out}")
+    gen = {"seed": args.seed, **PHANTOMS}
+    stamp = data / "demo-phantoms.json"
+    if not (stamp.is_file() and json.loads(stamp.read_text()) == gen):
+        shutil.rmtree(data, ignore_errors=True)
+        console(f"[1/4] phantom data set ({PHANTOMS['n_train']} train / {PHANTOMS['n_val']} val / "
+                f"{PHANTOMS['n_test']} test, 40×64×64) → {data}")
+        write_phantom_dataset(data, config=PhantomConfig(), seed=args.seed, **PHANTOMS)
+        stamp.write_text(json.dumps(gen))
+    else:
+        console(f"[1/4] phantom data set: reusing {data}")
+    console(f"[2/4] backend on 127.0.0.1 and a brl teacher from {args.labeled} labeled cases "
+            f"({args.teacher_iterations} iterations)")
+    console(f"[3/4] {args.rounds} rounds × {args.cases_per_round} cases × {len(cfg.arms)} strategies "
+            f"({', '.join(cfg.arms)}); review budget {100 * args.budget:g} % of each case; retrain "
+            f"{args.finetune_iterations} iterations after each round")
+    try:
+        result = run_loop(data, out / "work", cfg, console)
+    except LoopError as exc:
+        raise CommandError(str(exc)) from None
+    console("[4/4] report")
+    save_detail(result["_detail"], out / "work" / "detail.npz")
+    report = write_report(result, out / "report")
+    s = result["summary"]["arms"]
+    for arm, row in s.items():
+        console(f"      {arm:>24}: test Dice {100 * row['dice'][0]:.2f} → {100 * row['dice'][-1]:.2f} %, "
+                f"{row['reviewed_voxels']} voxels reviewed, {row['edited_voxels']} fixed")
+    console(f"done in {time.time() - t0:.0f} s (CPU {result['cpu_seconds']:.0f} s)")
+    print(f"report: {report.resolve()}", flush=True)
     return 0
