@@ -40,3 +40,9 @@ bench-backend: $(STAMP)
 # machine, merged with `--merge-gpu X`.
 bench-uncertainty: $(STAMP)
 	$(BIN)/python -m training.bench.uncertainty
+
+# Refinement loop: simulated clinician, guided vs random vs oracle corrections, fold-in comparison
+# (benchmarks/results/loop.{json,md} on phantoms with 3 seeds, loop-la.{json,md} on LA2018 at half resolution;
+# PROFILES="quick" skips LA2018, whose h5 layout is read from ../shared/data/LA2018 or $$SSLSEGMENT_LA2018).
+bench-loop: $(STAMP)
+	for p in $${PROFILES:-quick la}; do nice $(BIN)/python -m training.bench.loop --profile $$p || exit 1; done
