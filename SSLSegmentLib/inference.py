@@ -146,6 +146,7 @@ def predict_volume(
     temperature: float | Calibration | None = None,
     stitch_device: str | torch.device | None = None,
     flip_axes: Sequence[int] = (0, 1, 2),
+    balanced_masks: bool = True,
     progress: bool = False,
 ) -> Prediction:
     """Segment a whole volume (z, y, x) with sliding windows and estimate voxelwise uncertainty.
@@ -159,6 +160,8 @@ def predict_volume(
     amp: bfloat16 autocast (None = on for CUDA). temperature: a fitted calibration (float τ or Calibration).
     stitch_device: where the stitched output lives (None = the compute device unless too big for the GPU).
     seed: dropout masks (head) and dropout sampling (elsewhere) depend on it alone; the caller's RNG is untouched.
+    balanced_masks: the head's T dropout masks are balanced across passes (stratified; see HeadDropoutMasks);
+        False draws them independently.
     """
     from monai.inferers import sliding_window_inference
 
@@ -177,7 +180,8 @@ def predict_volume(
         raise ValueError(f"pass_batch must be 'auto', None (all passes at once) or an integer >= 1, got {pass_batch!r}")
     if pass_batch == "auto":
         pass_batch = DEFAULT_PASS_BATCH.get(dev.type, 1)
-    est = make_estimator(name, models if name == "ensemble" else models[0], passes, seed, pass_batch, flip_axes)
+    est = make_estimator(name, models if name == "ensemble" else models[0], passes, seed, pass_batch, flip_axes,
+                         balanced_masks)
     use_amp = (dev.type == "cuda") if amp is None else bool(amp)
 
     x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]

@@ -115,16 +115,32 @@ def test_head_mc_samples_follow_the_network_head_dropout():
         torch.testing.assert_close(samples[t], expected, atol=2e-5, rtol=1e-4)
 
 
-def test_head_dropout_masks_have_the_layer_distribution():
-    masks = HeadDropoutMasks(0.5, 16, seed=3).windows(0, 64, 8)  # (T, windows, F)
-    assert masks.shape == (8, 64, 16)
+@pytest.mark.parametrize("balanced", [True, False])
+def test_head_dropout_masks_have_the_layer_distribution(balanced):
+    masks = HeadDropoutMasks(0.5, 16, seed=3, balanced=balanced).windows(0, 200, 8)  # (T, windows, F)
+    assert masks.shape == (8, 200, 16)
     assert set(torch.unique(masks).tolist()) == {0.0, 2.0}  # dropped, or kept and scaled by 1/(1-p)
-    assert abs(float((masks == 0).float().mean()) - 0.5) < 0.03
-    assert abs(float(masks.mean()) - 1.0) < 0.06  # expectation preserved
-    again = HeadDropoutMasks(0.5, 16, seed=3).windows(5, 3, 8)
+    dropped = (masks == 0).float()
+    # Every pass's mask is a Dropout3d mask: each channel dropped with probability p.
+    assert (dropped.mean((1, 2)) - 0.5).abs().max() < 0.03
+    assert abs(float(masks.mean()) - 1.0) < 0.02  # expectation preserved
+    per_channel = dropped.sum(0)  # (windows, F): in how many of the 8 passes each channel was dropped
+    if balanced:
+        assert (per_channel == 4).all()  # exactly p·T
+    else:
+        assert per_channel.min() < 4 < per_channel.max()
+    again = HeadDropoutMasks(0.5, 16, seed=3, balanced=balanced).windows(5, 3, 8)
     torch.testing.assert_close(again, masks[:, 5:8])  # a window's masks depend on (seed, window) only
-    other = HeadDropoutMasks(0.5, 16, seed=4).windows(0, 64, 8)
+    other = HeadDropoutMasks(0.5, 16, seed=4, balanced=balanced).windows(0, 200, 8)
     assert not torch.equal(other, masks)
+
+
+def test_balanced_masks_with_fractional_counts_keep_the_probability():
+    masks = HeadDropoutMasks(0.3, 16, seed=1).windows(0, 400, 8)  # p·T = 2.4 drops per channel
+    per_channel = (masks == 0).float().sum(0)
+    assert set(torch.unique(per_channel).tolist()) == {2.0, 3.0}
+    assert abs(float(per_channel.mean()) - 2.4) < 0.05
+    assert ((masks == 0).float().mean((1, 2)) - 0.3).abs().max() < 0.03
 
 
 def test_head_mc_volume_equals_full_mc_volume_across_sliding_windows():

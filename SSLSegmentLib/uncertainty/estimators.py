@@ -21,7 +21,8 @@ Estimators (`ESTIMATORS`):
 
 Dropout masks of the head are drawn from a generator seeded by (seed, window index) rather than from the global
 random stream, so full MC and head MC see the same masks whatever the order or batching of passes and windows: with
-head-only dropout both give the same samples to float tolerance. Dropout elsewhere in the network (trunk placement)
+head-only dropout both give the same samples to float tolerance. The T masks of a window are balanced across passes
+(see HeadDropoutMasks): each is a proper Dropout3d mask, and their mean varies less from seed to seed. Dropout elsewhere in the network (trunk placement)
 samples from the global stream, seeded by `seed` inside a forked RNG state so the caller's stream is untouched.
 """
 
@@ -123,17 +124,32 @@ class HeadDropoutMasks:
 
     Window w's masks come from a generator seeded by (seed, w) alone, so every way of running the passes (one at a
     time, all at once, head only or whole network) uses the same mask for pass t of window w.
+
+    balanced (default): each channel is dropped in a uniformly random subset of about p·T of the T passes (exactly
+    p·T when that is a whole number, else floor or ceil at random so that the expectation is p·T). Every pass's mask
+    still has Dropout3d's distribution (each channel dropped with probability p, independently of the others); only
+    the passes are no longer independent of each other, which is stratified sampling: the mean over T passes varies
+    less from seed to seed than with independent masks (measured in benchmarks/results/uncertainty.md).
+    balanced=False draws every mask independently, as nn.Dropout3d does.
     """
 
-    def __init__(self, p: float, channels: int, seed: int = 0):
+    def __init__(self, p: float, channels: int, seed: int = 0, balanced: bool = True):
         if not 0.0 < p < 1.0:
             raise ValueError(f"dropout probability must be in (0, 1), got {p}")
-        self.p, self.channels, self.seed = float(p), int(channels), int(seed)
+        self.p, self.channels, self.seed, self.balanced = float(p), int(channels), int(seed), bool(balanced)
 
     def window(self, index: int, passes: int) -> torch.Tensor:
         """(passes, channels) float32 on the CPU."""
         g = torch.Generator().manual_seed(_mix_seed(self.seed, index))
-        keep = torch.rand(passes, self.channels, generator=g) >= self.p
+        u = torch.rand(passes, self.channels, generator=g)
+        if not self.balanced:
+            keep = u >= self.p
+        else:
+            rank = u.argsort(0).argsort(0)  # per channel: a uniformly random order of the passes
+            expected = self.p * passes
+            whole = math.floor(expected)
+            dropped = whole + (torch.rand(self.channels, generator=g) < expected - whole).long()
+            keep = rank >= dropped[None]
         return keep.float() / (1.0 - self.p)
 
     def windows(self, first: int, count: int, passes: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -332,6 +348,7 @@ class _SeededDropoutMixin:
 
     model: nn.Module
     seed: int
+    balanced_masks: bool = True
     _current_mask: torch.Tensor | None = None
     masks: HeadDropoutMasks | None = None
 
@@ -341,7 +358,7 @@ class _SeededDropoutMixin:
         if head is None:
             return
         head.eval()  # identity; the hook applies the explicit mask instead
-        self.masks = HeadDropoutMasks(head.p, self._head_channels(), self.seed)
+        self.masks = HeadDropoutMasks(head.p, self._head_channels(), self.seed, self.balanced_masks)
         handle = head.register_forward_hook(self._apply_head_mask)
         stack.callback(handle.remove)
         stack.callback(self._clear_mask)
@@ -394,9 +411,11 @@ class MCDropoutEstimator(_SeededDropoutMixin, UncertaintyEstimator):
 
     name = "mc_dropout"
 
-    def __init__(self, model: nn.Module, passes: int = 8, seed: int = 0, pass_batch: int | None = 1):
+    def __init__(self, model: nn.Module, passes: int = 8, seed: int = 0, pass_batch: int | None = 1,
+                 balanced_masks: bool = True):
         super().__init__(passes, seed, pass_batch)
         self.model = model
+        self.balanced_masks = balanced_masks
         if not dropout_modules(model):
             raise ValueError("MC dropout needs a network with dropout (dropout > 0)")
 
@@ -432,8 +451,10 @@ class HeadMCDropoutEstimator(_SeededDropoutMixin, UncertaintyEstimator):
 
     name = "head_mc"
 
-    def __init__(self, model: nn.Module, passes: int = 8, seed: int = 0, pass_batch: int | None = 1, fold: bool = True):
+    def __init__(self, model: nn.Module, passes: int = 8, seed: int = 0, pass_batch: int | None = 1, fold: bool = True,
+                 balanced_masks: bool = True):
         super().__init__(passes, seed, pass_batch)
+        self.balanced_masks = balanced_masks
         if not has_head_only_dropout(model):
             raise ValueError(
                 "head MC dropout needs dropout confined to the segmentation head (dropout_placement='head', dropout > 0)"
@@ -587,6 +608,7 @@ def make_estimator(
     seed: int = 0,
     pass_batch: int | None = 1,
     flip_axes: Sequence[int] = (0, 1, 2),
+    balanced_masks: bool = True,
 ) -> UncertaintyEstimator:
     """Build a concrete estimator by name (see `resolve_estimator` for the default and fallbacks)."""
     if name == "ensemble":
@@ -598,9 +620,9 @@ def make_estimator(
     if name == "plain":
         return PlainEstimator(model, seed)
     if name == "mc_dropout":
-        return MCDropoutEstimator(model, passes, seed, pass_batch)
+        return MCDropoutEstimator(model, passes, seed, pass_batch, balanced_masks=balanced_masks)
     if name == "head_mc":
-        return HeadMCDropoutEstimator(model, passes, seed, pass_batch)
+        return HeadMCDropoutEstimator(model, passes, seed, pass_batch, balanced_masks=balanced_masks)
     if name == "flips":
         return FlipEstimator(model, passes, seed, pass_batch, flip_axes)
     raise ValueError(f"estimator must be one of {ESTIMATORS}, got {name!r}")

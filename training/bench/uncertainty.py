@@ -35,17 +35,16 @@ ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
 VOLUME_SHAPE = (96, 128, 128)
 DATA_SHAPE = (40, 64, 64)
-TRAIN_PATCH = (32, 32, 32)  # smaller than the default patch so that training fits the benchmark's time on a CPU
 PASSES = 8
 
 
 
-def _case(name, estimator, pass_batch=1, sw=1, amp=None, window="patch", repeats=1):
+def _case(name, estimator, pass_batch=1, sw=1, amp=None, window="patch", repeats=0, threads=None):
     """One speed row. window: "patch" = the training patch (what the product infers with), "volume" = the whole volume
     as one window. amp None = the device default (bf16 autocast on CUDA only). repeats: timed runs on a CPU after the
     first (the first run is timed too; for the long rows it is the only one)."""
     return {"name": name, "estimator": estimator, "pass_batch": pass_batch, "sw": sw, "amp": amp, "window": window,
-            "repeats": repeats}
+            "repeats": repeats, "threads": threads}
 
 
 SPEED_CASES = [
@@ -61,6 +60,10 @@ SPEED_CASES = [
     _case("head_mc_whole_volume", "head_mc", "auto", window="volume", repeats=3),
     _case("mc_dropout_sequential_whole_volume", "mc_dropout", 1, window="volume"),
     _case("mc_dropout_batched_whole_volume", "mc_dropout", None, window="volume"),
+]
+CPU_ONLY_CASES = [  # what a second thread buys on this (possibly shared) machine
+    _case("plain_2_threads", "plain", threads=2, repeats=1),
+    _case("head_mc_2_threads", "head_mc", "auto", threads=2, repeats=1),
 ]
 GPU_EXTRA_CASES = [
     _case("flips_batched", "flips", None),
@@ -148,7 +151,7 @@ def train_versions(work: Path, iterations: int, more: int, threads: int, log) ->
     data = work / "data"
     if not (data / "dataset.json").is_file():
         log(f"writing phantom data set {DATA_SHAPE} to {data}")
-        write_phantom_dataset(data, n_train=16, n_val=3, n_test=4, config=PhantomConfig(shape=DATA_SHAPE), seed=7)
+        write_phantom_dataset(data, n_train=16, n_val=4, n_test=6, config=PhantomConfig(shape=DATA_SHAPE), seed=7)
     ds = DataSet(data)
     n_labeled = 8
     train_ids = ds.splits["train"]
@@ -159,7 +162,7 @@ def train_versions(work: Path, iterations: int, more: int, threads: int, log) ->
     paths, summary, init = [], {"versions": []}, None
     for version, (its, seed) in enumerate([(iterations, 0), (more, 1), (more, 2)], start=1):
         cfg = TrainConfig(method="supervised", network=_network_config().to_dict(), iterations=its, seed=seed,
-                          patch_size=TRAIN_PATCH, batch_labeled=2, batch_unlabeled=0, lr=0.02,
+                          batch_labeled=2, batch_unlabeled=0, lr=0.02,
                           val_interval=max(its // 2, 1), device="cpu")
         out = work / "runs" / f"v{version}"
         t0 = time.time()
@@ -178,7 +181,7 @@ def train_versions(work: Path, iterations: int, more: int, threads: int, log) ->
         summary["versions"].append(row)
         log(f"model v{version}: {row}")
     summary.update({"method": "supervised", "labeled": n_labeled, "train_cases": len(train_ids), "data_shape": DATA_SHAPE,
-                    "train_patch": list(TRAIN_PATCH), "threads": threads})
+                    "train_patch": list(_patch()), "threads": threads})
     return paths, summary, data
 
 
@@ -225,7 +228,7 @@ def measure_child(spec: dict) -> dict:
 
     from SSLSegmentLib.inference import predict_volume
 
-    torch.set_num_threads(spec["threads"])
+    torch.set_num_threads(spec["case"].get("threads") or spec["threads"])
     volume = np.load(spec["volume"])
     models = _load_models(spec["models"], "cpu")
     case = spec["case"]
@@ -236,7 +239,7 @@ def measure_child(spec: dict) -> dict:
     precise = _reset_peak_rss()
     base_kb = _proc_status_kb("VmRSS") if precise else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     wall, cpu = [], []
-    for i in range(1 + spec["repeats"]):
+    for i in range(1 + case["repeats"]):
         t0, c0 = time.perf_counter(), time.process_time()
         pred = predict_volume(model, volume, window, **kw)
         wall.append(time.perf_counter() - t0)
@@ -249,7 +252,7 @@ def measure_child(spec: dict) -> dict:
 
 def speed_cpu(volume_path: Path, model_paths: list[str], threads: int, repeats_scale: float, log) -> dict:
     out: dict[str, dict] = {}
-    for case in SPEED_CASES:
+    for case in SPEED_CASES + CPU_ONLY_CASES:
         spec = {"case": {**case, "repeats": max(0, round(case["repeats"] * repeats_scale))}, "volume": str(volume_path),
                 "models": model_paths, "threads": threads}
         proc = subprocess.run([sys.executable, "-m", "training.bench.uncertainty", "--measure", json.dumps(spec)],
@@ -329,9 +332,12 @@ def _summarise_speed(raw: dict) -> dict:
     plain_cpu = min(raw["plain"]["cpu_s"]) if "plain" in raw else nan
     rows = {}
     whole = min(raw["plain_whole_volume"]["wall_s"]) if "plain_whole_volume" in raw else None
+    whole_cpu = min(raw["plain_whole_volume"]["cpu_s"]) if "plain_whole_volume" in raw else None
     for name, r in raw.items():
         best = min(r["wall_s"])
-        ref = whole if name.endswith("_whole_volume") and whole else plain
+        in_whole = name.endswith("_whole_volume") and whole
+        ref = whole if in_whole else plain
+        ref_cpu = whole_cpu if in_whole else plain_cpu
         rows[name] = {
             "estimator": r["estimator"],
             "passes": r["passes"],
@@ -341,7 +347,7 @@ def _summarise_speed(raw: dict) -> dict:
             "runs": len(r["wall_s"]),
             "window": r.get("window"),
             "x_plain": round(best / ref, 3),
-            "x_plain_cpu_time": round(min(r["cpu_s"]) / plain_cpu, 3),
+            "x_plain_cpu_time": round(min(r["cpu_s"]) / ref_cpu, 3),
             "peak_mb": round(r["peak_mb"], 1),
         }
     out = {"rows": rows, "head_mc_over_plain": rows["head_mc"]["x_plain"] if "head_mc" in rows else nan}
@@ -405,7 +411,33 @@ def quality(data: Path, model_paths: list[str], log) -> dict:
             "seconds": round(seconds, 1),
         }
         log(f"  {name:12s} {out[name]}")
-    return {"estimators": out, "test_cases": len(test), "val_cases": len(val), "test_voxels": int(sum(y.size for y in labels))}
+    spread = head_mc_seed_spread(models[-1], test, patch, log)
+    return {"estimators": out, "head_mc_seeds": spread, "test_cases": len(test), "val_cases": len(val),
+            "test_voxels": int(sum(y.size for y in labels))}
+
+
+def head_mc_seed_spread(model, test, patch, log, seeds=range(5)) -> dict:
+    """Head MC's error detection over several mask seeds, with balanced and with independent masks."""
+    from SSLSegmentLib.inference import predict_volume
+    from SSLSegmentLib.uncertainty import error_detection
+
+    labels = [lab.array for _, lab in test]
+    out = {}
+    for mode, balanced in (("balanced", True), ("independent", False)):
+        vals: dict[str, list[float]] = {"auroc_entropy": [], "top5_recall_entropy": [], "auroc_mutual_information": [],
+                                        "top5_recall_mutual_information": []}
+        for seed in seeds:
+            preds = [predict_volume(model, img, patch, passes=PASSES, estimator="head_mc", device="cpu", seed=seed,
+                                    balanced_masks=balanced) for img, _ in test]
+            errors = [p.label != y for p, y in zip(preds, labels)]
+            for kind in ("entropy", "mutual_information"):
+                d = error_detection([getattr(p, kind) for p in preds], errors)
+                vals[f"auroc_{kind}"].append(d["auroc"])
+                vals[f"top5_recall_{kind}"].append(d["top5_recall"])
+        out[mode] = {k: {"mean": round(float(np.mean(v)), 4), "sd": round(float(np.std(v, ddof=1)), 4),
+                         "values": [round(x, 4) for x in v]} for k, v in vals.items()}
+        log(f"  head_mc seeds, {mode} masks: " + ", ".join(f"{k} {v['mean']:.4f}±{v['sd']:.4f}" for k, v in out[mode].items()))
+    return out
 
 
 # -- report ----------------------------------------------------------------------------------------------------------
@@ -423,6 +455,8 @@ SPEED_LABELS = {
     "head_mc_whole_volume": "whole volume as one window: head MC, T=8",
     "mc_dropout_sequential_whole_volume": "whole volume as one window: full MC, sequential",
     "mc_dropout_batched_whole_volume": "whole volume as one window: full MC, batched",
+    "plain_2_threads": "plain, 2 torch threads",
+    "head_mc_2_threads": "head MC, 2 torch threads",
     "plain_4_windows": "plain, 4 windows per batch",
     "head_mc_4_windows": "head MC, 4 windows per batch",
     "mc_dropout_4_windows": "full MC (device default), 4 windows per batch",
@@ -459,16 +493,25 @@ def render_markdown(res: dict) -> str:
         "resident set during the first run in a fresh process; GPU peak: `torch.cuda.max_memory_allocated` above the "
         "model and input already there.",
         "",
-        "| estimator | CPU s | CPU × plain | CPU peak MB | GPU s | GPU × plain | GPU peak MB |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| estimator | CPU s | CPU × plain | × plain in process CPU time | CPU peak MB |"
+        + (" GPU s | GPU × plain | GPU peak MB |" if gpu else ""),
+        "|---|---:|---:|---:|---:|" + ("---:|---:|---:|" if gpu else ""),
     ]
     names = list(dict.fromkeys(list(cpu) + list(gpu)))
     for name in names:
         c, g = cpu.get(name), gpu.get(name)
         cells = [SPEED_LABELS.get(name, name)]
-        cells += [f"{c['wall_s_best']:.2f}", f"{c['x_plain']:.2f}", f"{c['peak_mb']:.0f}"] if c else ["–"] * 3
-        cells += [f"{g['wall_s_best']:.3f}", f"{g['x_plain']:.2f}", f"{g['peak_mb']:.0f}"] if g else ["–"] * 3
+        cells += ([f"{c['wall_s_best']:.2f}", f"{c['x_plain']:.2f}", f"{c['x_plain_cpu_time']:.2f}", f"{c['peak_mb']:.0f}"]
+                  if c else ["–"] * 4)
+        if gpu:
+            cells += [f"{g['wall_s_best']:.3f}", f"{g['x_plain']:.2f}", f"{g['peak_mb']:.0f}"] if g else ["–"] * 3
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Whole-volume rows divide by the whole-volume plain forward."]
+    if not gpu:
+        lines += ["", "GPU column: not measured; no GPU was available to this run. On a CUDA machine, "
+                      "`python -m training.bench.uncertainty --device cuda --parts speed --json-out gpu.json`, then "
+                      "`--merge-gpu gpu.json` here adds it. Until then the GPU defaults (all passes in one batch, "
+                      "bf16 autocast) rest on the usual behaviour of GPUs, not on a measurement of this code."]
     if cpu:
         lines += ["", f"Head MC / plain forward at T=8: **{res['speed']['head_mc_over_plain']:.2f}×** on the CPU "
                       f"(process CPU time: {cpu['head_mc']['x_plain_cpu_time']:.2f}×)"
@@ -505,30 +548,57 @@ def render_markdown(res: dict) -> str:
                 f"{r['test_ece_before']:.4f} → {r['test_ece_after']:.4f} |"
             )
         lines += ["", f"Voxels wrong (plain): {100 * q['estimators']['plain']['error_rate']:.2f} %."]
+        spread = q.get("head_mc_seeds")
+        if spread:
+            n = len(next(iter(spread["balanced"].values()))["values"])
+            lines += [
+                "",
+                f"Head MC over {n} mask seeds (mean ± sd): the T=8 masks balanced across passes (the default) against "
+                "independent masks (as nn.Dropout3d draws them).",
+                "",
+                "| masks | AUROC entropy | top 5 % holds (entropy) | AUROC MI | top 5 % holds (MI) |",
+                "|---|---:|---:|---:|---:|",
+            ]
+            for mode, r in spread.items():
+                lines.append(
+                    f"| {mode} | {r['auroc_entropy']['mean']:.4f} ± {r['auroc_entropy']['sd']:.4f} | "
+                    f"{100 * r['top5_recall_entropy']['mean']:.1f} ± {100 * r['top5_recall_entropy']['sd']:.1f} % | "
+                    f"{r['auroc_mutual_information']['mean']:.4f} ± {r['auroc_mutual_information']['sd']:.4f} | "
+                    f"{100 * r['top5_recall_mutual_information']['mean']:.1f} ± "
+                    f"{100 * r['top5_recall_mutual_information']['sd']:.1f} % |"
+                )
     if res.get("conclusion"):
         lines += ["", "## Conclusion", "", res["conclusion"]]
     return "\n".join(lines) + "\n"
 
 
 def conclusion(res: dict) -> str:
-    rows = res["speed"]["rows"]
-    q = res.get("quality", {}).get("estimators", {})
-    parts = [f"Head MC dropout costs {rows['head_mc']['x_plain']:.2f}× one plain forward on this CPU at T=8 "
-             f"(full MC: {rows['mc_dropout_sequential']['x_plain']:.2f}× sequential, "
-             f"{rows['mc_dropout_batched']['x_plain']:.2f}× batched)."]
-    if q:
-        parts.append(f"With dropout confined to the head it draws the same samples as full MC dropout, so its maps and "
-                     f"error-detection AUROC are the same ({q['head_mc']['auroc_entropy']:.3f} vs "
-                     f"{q['mc_dropout']['auroc_entropy']:.3f}).")
-        best = max(q, key=lambda k: q[k]["auroc_entropy"])
-        parts.append(f"Highest entropy AUROC: {best} ({q[best]['auroc_entropy']:.3f}).")
-    seq, bat = rows["mc_dropout_sequential"]["wall_s_best"], rows["mc_dropout_batched"]["wall_s_best"]
-    parts.append(f"On this CPU sequential full-MC passes took {seq:.1f} s and batched ones {bat:.1f} s, so the CPU default "
-                 f"runs passes {'one after another' if seq <= bat else 'batched'} "
-                 f"(head MC: {rows['head_mc_sequential']['wall_s_best']:.2f} s one head at a time, "
-                 f"{rows['head_mc_batched']['wall_s_best']:.2f} s all heads in one product).")
     from SSLSegmentLib.uncertainty import DEFAULT_ESTIMATOR
 
+    rows = res["speed"]["rows"]
+    q = res.get("quality", {}).get("estimators", {})
+    x = lambda name: rows[name]["x_plain"] if name in rows else float("nan")  # noqa: E731
+    parts = [f"Head MC dropout costs {x('head_mc'):.2f}× one plain forward on this CPU at T=8 "
+             f"(whole volume as one window: {x('head_mc_whole_volume'):.2f}×); full MC dropout "
+             f"{x('mc_dropout_sequential'):.1f}× sequential and {x('mc_dropout_batched'):.1f}× batched, flips "
+             f"{x('flips_sequential'):.1f}×, an ensemble of 3 versions {x('ensemble_3'):.1f}×."]
+    if q:
+        parts.append(f"With dropout confined to the head, head MC draws the same samples as full MC dropout, so their "
+                     f"maps and error detection are the same (entropy AUROC {q['head_mc']['auroc_entropy']:.4f} and "
+                     f"{q['mc_dropout']['auroc_entropy']:.4f}).")
+        ranked = sorted(q, key=lambda k: -q[k]["auroc_entropy"])
+        parts.append("Entropy AUROC, best first: " + ", ".join(f"{k} {q[k]['auroc_entropy']:.4f}" for k in ranked) + ".")
+        spread = res["quality"].get("head_mc_seeds", {}).get("balanced")
+        if spread:
+            parts.append(f"Head MC's entropy AUROC varies with the mask seed by ±{spread['auroc_entropy']['sd']:.4f} "
+                         f"(mean {spread['auroc_entropy']['mean']:.4f}), so differences of that size are noise.")
+        mi = {k: q[k]["auroc_mutual_information"] for k in q if k != "plain"}
+        parts.append("Only the sampling estimators give an epistemic map; mutual-information AUROC: "
+                     + ", ".join(f"{k} {v:.4f}" for k, v in sorted(mi.items(), key=lambda kv: -kv[1])) + ".")
+    seq, bat = rows["mc_dropout_sequential"], rows["mc_dropout_batched"]
+    parts.append(f"Passes on this CPU: sequential full MC {seq['wall_s_best']:.1f} s and +{seq['peak_mb']:.0f} MB, batched "
+                 f"{bat['wall_s_best']:.1f} s and +{bat['peak_mb']:.0f} MB; head MC {rows['head_mc_sequential']['wall_s_best']:.2f} s "
+                 f"one head at a time, {rows['head_mc_batched']['wall_s_best']:.2f} s all heads in one product.")
     parts.append(f"Default estimator (`SSLSegmentLib.uncertainty.DEFAULT_ESTIMATOR`): {DEFAULT_ESTIMATOR}.")
     return " ".join(parts)
 
@@ -555,8 +625,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parts", default="speed,quality", help="comma list of speed, quality")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads on the CPU (1: on a shared machine two threads stall on each other's barriers)")
-    ap.add_argument("--iterations", type=int, default=240, help="training iterations of model v1")
-    ap.add_argument("--more", type=int, default=60, help="further iterations of v2 and v3, each from the one before")
+    ap.add_argument("--iterations", type=int, default=400, help="training iterations of model v1")
+    ap.add_argument("--more", type=int, default=100, help="further iterations of v2 and v3, each from the one before")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of the cheap rows after the first (others: the "
                                                             "first only); on a GPU, of every row after a warm-up")
     ap.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)  # GPU code path on a CPU (checks)
@@ -567,11 +637,20 @@ def main(argv: list[str] | None = None) -> int:
                     help="speed volume (z y x); the table's is the default")
     ap.add_argument("--json-out", default=str(RESULTS / "uncertainty.json"))
     ap.add_argument("--merge-gpu", default=None, help="merge a GPU run's JSON into --json-out and re-render the table")
+    ap.add_argument("--render", action="store_true", help="re-render the markdown table from --json-out")
     ap.add_argument("--measure", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.measure:
         print(json.dumps(measure_child(json.loads(args.measure))))
+        return 0
+    if args.render:
+        out = Path(args.json_out)
+        res = json.loads(out.read_text())
+        if "speed" in res:
+            res["conclusion"] = conclusion(res)
+        _write(res, out)
+        print(f"rendered {out.with_suffix('.md')}")
         return 0
     if args.merge_gpu:
         merge_gpu(Path(args.merge_gpu), Path(args.json_out))
