@@ -64,3 +64,21 @@ def test_fit_iterations_packs_runs_into_the_time_budget():
     assert fit_iterations(cost, ["supervised"], [8], 1, 1) == 50  # never below one step
     with pytest.raises(ValueError, match="lcc"):
         fit_iterations(cost, ["lcc"], [8], 1, 100)
+
+
+def test_resume_keeps_finished_runs_of_the_same_config_only(tmp_path):
+    import json
+
+    from training.bench.ssl import _resume
+
+    p = PROFILES["quick"]
+    tasks = plan_tasks(p, tmp_path, tmp_path, ["supervised", "full", "lcc"], [0], [4], p.config, argparse.Namespace())
+    meta = {"profile": "quick", "data": str(tmp_path), "config": {"iterations": 800}}
+    path = tmp_path / "ssl.json"
+    path.write_text(json.dumps({**meta, "runs": [_run("full", "all", 0, 0.9), _run("lcc", 8, 0, 0.7)]}))
+    kept, todo = _resume(path, meta, tasks)
+    assert [r["method"] for r in kept] == ["full"]  # lcc was for another labeled count
+    assert sorted(t["method"] for t in todo) == ["lcc", "supervised"]
+    path.write_text(json.dumps({**meta, "config": {"iterations": 400}, "runs": []}))
+    with pytest.raises(ValueError, match="another profile"):
+        _resume(path, meta, tasks)

@@ -136,3 +136,13 @@ def test_bad_sources_give_clear_errors(la_src, tmp_path):
     with pytest.raises(ValueError, match="invalid case id"):
         import_la(src, tmp_path / "out2")
     assert main(["import-la", str(tmp_path / "nowhere"), str(tmp_path / "out3")]) == 2
+
+
+def test_zscore_option_normalises_each_volume(la_src, tmp_path):
+    src, names, arrays = la_src
+    ds = DataSet(import_la(src, tmp_path / "z", n_val=1, n_test=1, zscore=True))
+    image = ds.load_image(names[0]).array
+    assert abs(float(image.mean())) < 1e-5 and float(image.std()) == pytest.approx(1.0, rel=1e-4)
+    raw = arrays[names[0]][0].transpose(2, 1, 0)
+    assert np.allclose(image, (raw - raw.mean()) / raw.std(), atol=1e-5)
+    assert "z-scored" in json.loads((tmp_path / "z" / "dataset.json").read_text())["intensity"]

@@ -108,11 +108,12 @@ def _phantom_data(work: Path, n_train=40, n_val=8, n_test=12, shape=(40, 64, 64)
 
 
 def _la_data(work: Path, args) -> Path:
-    """The imported LA2018 folder: --data if given, else import --la-source at half resolution into WORK."""
+    """The imported LA2018 folder: --data if given, else import --la-source at half resolution, z-scored per volume
+    (see SSLSegmentLib/data/la.py), into WORK."""
     if getattr(args, "data", None):
         return Path(args.data)
     src = Path(getattr(args, "la_source", None) or os.environ.get("SSLSEGMENT_LA2018", REPO.parent / "shared" / "data" / "LA2018"))
-    out = work / "la2018-half"
+    out = work / "la2018-half-z"
     if not (out / "dataset.json").is_file():
         from SSLSegmentLib.data.la import import_la
 
@@ -120,7 +121,7 @@ def _la_data(work: Path, args) -> Path:
             raise FileNotFoundError(
                 f"LA2018 not found at {src}: pass --la-source (the h5 layout) or --data (an imported folder)"
             )
-        import_la(src, out, half_res=True, progress=True)
+        import_la(src, out, half_res=True, zscore=True, progress=True)
     return out
 
 
@@ -144,8 +145,8 @@ PROFILES: dict[str, Profile] = {
     ),
     "la-quick": Profile(
         name="la-quick",
-        description="LA2018 (real LGE-MRI) at half resolution (1.25 mm), 60 train / 10 val / 10 test, default UNet, "
-        "patches 48×48×32 (x×y×z), batch 2+2, 450 iterations, lr 0.03 poly",
+        description="LA2018 (real LGE-MRI) at half resolution (1.25 mm), z-scored per volume, 60 train / 10 val / "
+        "10 test, default UNet, patches 48×48×32 (x×y×z), batch 2+2, 450 iterations, lr 0.03 poly",
         n_labeled=[4, 8],
         config=dict(
             network=NetworkConfig().to_dict(),
@@ -326,6 +327,8 @@ def run_profile(profile: Profile, work: Path, methods: list[str], seeds: list[in
         "environment": _environment(config),
     }
     runs: list[dict] = []
+    if getattr(args, "resume", False):
+        runs, tasks = _resume(results_dir / f"{out_name}.json", meta, tasks)
     t0 = time.time()
 
     def write(done: bool) -> dict:
@@ -349,6 +352,23 @@ def run_profile(profile: Profile, work: Path, methods: list[str], seeds: list[in
                 runs.append(f.result())
                 write(False)
     return write(True)
+
+
+def _resume(path: Path, meta: dict, tasks: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Runs already in `path` (same profile, data and config) and the tasks still to do."""
+    if not path.is_file():
+        return [], tasks
+    old = json.loads(path.read_text())
+    same = all(old.get(k) == meta[k] for k in ("profile", "data", "config"))
+    if not same:
+        raise ValueError(f"{path} holds results of another profile, data set or config; choose another --out-name")
+    key = lambda r: (r["method"], "all" if r["method"] == "full" else r["n_labeled"], r["seed"])  # noqa: E731
+    wanted = {key(t) for t in tasks}
+    kept = [r for r in old["runs"] if key(r) in wanted]
+    done = {key(r) for r in kept}
+    todo = [t for t in tasks if key(t) not in done]
+    print(f"[bench] resuming {path}: {len(kept)} runs kept, {len(todo)} to do", flush=True)
+    return kept, todo
 
 
 def _environment(config: dict) -> dict:
@@ -602,6 +622,8 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default="benchmarks/work")
     ap.add_argument("--results", default=str(RESULTS), help="folder for the JSON and markdown results")
     ap.add_argument("--out-name", default=None)
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the runs already in the results JSON (same profile, data and config) and do the rest")
     ap.add_argument("--measure", type=int, default=None, metavar="STEPS",
                     help="only time STEPS training iterations of each method and estimate the profile's cost")
     ap.add_argument("--fit-seconds", type=float, default=None, metavar="S",

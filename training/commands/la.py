@@ -15,6 +15,7 @@ def register(sub) -> None:
     p.add_argument("src", help="folder with <case>/mri_norm2.h5 and train.list")
     p.add_argument("dst", help="data-set folder to write")
     p.add_argument("--half-resolution", action="store_true", help="2×2×2 block average: 1.25 mm instead of 0.625 mm")
+    p.add_argument("--zscore", action="store_true", help="re-normalise each volume to mean 0, sd 1 over the stored crop")
     p.add_argument("--val-count", type=int, default=10, help="validation cases carved from train.list (default 10)")
     p.add_argument("--test-count", type=int, default=10, help="development test cases carved from train.list (default 10)")
     p.add_argument("--val-list", default=None, help="file naming the validation cases (one per line)")
@@ -41,6 +42,7 @@ def cmd_import_la(args) -> int:
             train_list=args.train_list,
             overwrite=args.overwrite,
             progress=True,
+            zscore=args.zscore,
         )
     except (ImportError, FileExistsError) as exc:
         raise CommandError(str(exc)) from None
