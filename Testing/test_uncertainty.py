@@ -22,6 +22,15 @@ from SSLSegmentLib.uncertainty import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: on a shared 2-core machine two threads stall on each other (benchmarks/results/uncertainty.md)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _net(seed: int = 0, **overrides) -> nn.Module:
     torch.manual_seed(seed)
     net = build_network(**{**TINY_NET, **overrides})

@@ -24,6 +24,15 @@ from SSLSegmentLib.uncertainty import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: on a shared 2-core machine two threads stall on each other (benchmarks/results/uncertainty.md)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _overconfident(n: int = 60_000, true_temperature: float = 2.0, seed: int = 0):
     """Labels drawn from q; the 'model' reports q sharpened by 1/τ, i.e. softmax(log q · τ)."""
     rng = np.random.default_rng(seed)
