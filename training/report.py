@@ -75,7 +75,7 @@ def plot_dice_per_round(summary: dict, path: Path) -> str:
 def plot_efficiency(summary: dict, path: Path) -> str:
     plt = _plt()
     arms = [a for a in summary["arms"] if a != "none"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(12.5, 4.2), gridspec_kw={"wspace": 0.35})
     panels = [
         ("fixed_per_1000", 1.0, "wrong voxels fixed\nper 1000 reviewed voxels", "How much of the review landed on errors"),
         ("gain_vs_none_per_1000" if "none" in summary["arms"] else "gain_per_1000", 100.0,
@@ -135,6 +135,16 @@ def _gray(ax, img2d):
     ax.set_yticks([])
 
 
+def _heat(ax, unc2d):
+    """The uncertainty as a heat overlay whose opacity grows with the value: sure voxels show the image."""
+    import matplotlib
+
+    rgba = matplotlib.colormaps["inferno"](np.clip(unc2d, 0, 1))
+    rgba[..., 3] = np.clip(1.6 * unc2d, 0.0, 0.9)
+    ax.imshow(rgba, interpolation="nearest")
+    return matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, 1), cmap="inferno")
+
+
 def _error_rgba(pred2d, truth2d):
     """RGBA overlay: missed target (truth, not predicted) in blue, extra (predicted, not truth) in red."""
     rgba = np.zeros(pred2d.shape + (4,), float)
@@ -171,7 +181,7 @@ def plot_heatmap(detail: dict, result: dict, path: Path) -> str | None:
         a.set_title(f"{name}\nDice {100 * dice:.1f} %  (green truth, magenta model)", fontsize=10.5)
         a = axes[r, 1]
         _gray(a, image[z])
-        im = a.imshow(np.ma.masked_less(unc[z], 0.05), cmap="inferno", vmin=0, vmax=1, alpha=0.85, interpolation="nearest")
+        im = _heat(a, unc[z])
         a.set_title(f"uncertainty heatmap\nmean {unc.mean():.3f} over the case", fontsize=10.5)
         a = axes[r, 2]
         _gray(a, image[z])
@@ -202,8 +212,7 @@ def plot_review_regions(detail: dict, path: Path) -> str | None:
     fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 4.4))
     a = axes[0]
     _gray(a, ref["image"][z])
-    a.imshow(np.ma.masked_less(ref["uncertainty"][z], 0.05), cmap="inferno", vmin=0, vmax=1, alpha=0.85,
-             interpolation="nearest")
+    _heat(a, ref["uncertainty"][z])
     a.set_title(f"{ref['case_id']}: the heatmap\nthe clinician was shown", fontsize=10.5)
     for a, arm in zip(axes[1:], arms):
         r = reviews[arm]
@@ -405,3 +414,27 @@ def write_report(result: dict, out_dir: str | Path) -> Path:
     tmp.write_text(markdown(result, pictures) + f"\n_Generated {time.strftime('%Y-%m-%d %H:%M')}._\n")
     tmp.replace(path)
     return path
+
+
+def main(argv=None) -> int:
+    """python -m training.report RUN: draw the report of a demo run folder again (RUN/report/loop.json and
+    RUN/work/detail.npz), e.g. after changing a picture."""
+    import argparse
+    import json
+
+    from training.refinement import load_detail
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("run", help="the demo's --out folder")
+    args = ap.parse_args(argv)
+    run = Path(args.run)
+    result = json.loads((run / "report" / "loop.json").read_text())
+    detail = run / "work" / "detail.npz"
+    if detail.is_file():
+        result["_detail"] = load_detail(detail)
+    print(write_report(result, run / "report"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
