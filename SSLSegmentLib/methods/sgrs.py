@@ -46,9 +46,11 @@ class SGRS(SSLMethod):
     name = "sgrs"
     summary = "teacher pseudo-labels scored by region: agree/disagree before and after mixing with a labeled image"
 
+    # consistency_weight: the released code uses 1.0 over 15000 iterations; on the quick benchmark's validation split
+    # (800 iterations) 1.0 held validation Dice ~5 points under supervised-only and 0.1 did better (docs/methods.md).
     def __init__(
         self,
-        consistency_weight: float = 1.0,
+        consistency_weight: float = 0.1,
         tau: float = 0.425,
         mix_alpha: float = 0.75,
         label_smoothing: float = 0.2,
