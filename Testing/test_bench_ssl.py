@@ -79,6 +79,11 @@ def test_resume_keeps_finished_runs_of_the_same_config_only(tmp_path):
     kept, todo = _resume(path, meta, tasks)
     assert [r["method"] for r in kept] == ["full"]  # lcc was for another labeled count
     assert sorted(t["method"] for t in todo) == ["lcc", "supervised"]
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**meta, "runs": [_run("lcc", 4, 0, 0.75), _run("full", "all", 0, 0.1)]}))
+    kept, todo = _resume([path, other], meta, tasks)
+    assert sorted(r["method"] for r in kept) == ["full", "lcc"] and [t["method"] for t in todo] == ["supervised"]
+    assert [r["test"]["dice"] for r in kept if r["method"] == "full"] == [0.9]  # the first file wins
     path.write_text(json.dumps({**meta, "config": {"iterations": 400}, "runs": []}))
     with pytest.raises(ValueError, match="another profile"):
         _resume(path, meta, tasks)

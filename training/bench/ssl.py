@@ -327,8 +327,9 @@ def run_profile(profile: Profile, work: Path, methods: list[str], seeds: list[in
         "environment": _environment(config),
     }
     runs: list[dict] = []
-    if getattr(args, "resume", False):
-        runs, tasks = _resume(results_dir / f"{out_name}.json", meta, tasks)
+    if getattr(args, "resume", False) or getattr(args, "merge", None):
+        paths = [results_dir / f"{out_name}.json"] + [Path(p) for p in getattr(args, "merge", None) or []]
+        runs, tasks = _resume(paths, meta, tasks)
     t0 = time.time()
 
     def write(done: bool) -> dict:
@@ -354,20 +355,25 @@ def run_profile(profile: Profile, work: Path, methods: list[str], seeds: list[in
     return write(True)
 
 
-def _resume(path: Path, meta: dict, tasks: list[dict]) -> tuple[list[dict], list[dict]]:
-    """Runs already in `path` (same profile, data and config) and the tasks still to do."""
-    if not path.is_file():
-        return [], tasks
-    old = json.loads(path.read_text())
-    same = all(old.get(k) == meta[k] for k in ("profile", "data", "config"))
-    if not same:
-        raise ValueError(f"{path} holds results of another profile, data set or config; choose another --out-name")
+def _resume(paths, meta: dict, tasks: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Runs already in the result files `paths` (same profile, data and config; the first file wins for a run
+    present in several) and the tasks still to do."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     key = lambda r: (r["method"], "all" if r["method"] == "full" else r["n_labeled"], r["seed"])  # noqa: E731
     wanted = {key(t) for t in tasks}
-    kept = [r for r in old["runs"] if key(r) in wanted]
-    done = {key(r) for r in kept}
+    kept, done = [], set()
+    for path in map(Path, paths):
+        if not path.is_file():
+            continue
+        old = json.loads(path.read_text())
+        if not all(old.get(k) == meta[k] for k in ("profile", "data", "config")):
+            raise ValueError(f"{path} holds results of another profile, data set or config; choose another --out-name")
+        for r in old["runs"]:
+            if key(r) in wanted and key(r) not in done:
+                kept.append(r)
+                done.add(key(r))
     todo = [t for t in tasks if key(t) not in done]
-    print(f"[bench] resuming {path}: {len(kept)} runs kept, {len(todo)} to do", flush=True)
+    print(f"[bench] resuming from {', '.join(map(str, paths))}: {len(kept)} runs kept, {len(todo)} to do", flush=True)
     return kept, todo
 
 
@@ -624,6 +630,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out-name", default=None)
     ap.add_argument("--resume", action="store_true",
                     help="keep the runs already in the results JSON (same profile, data and config) and do the rest")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="also keep the runs of these result files (same profile, data and config), e.g. methods run "
+                    "by another process")
     ap.add_argument("--measure", type=int, default=None, metavar="STEPS",
                     help="only time STEPS training iterations of each method and estimate the profile's cost")
     ap.add_argument("--fit-seconds", type=float, default=None, metavar="S",
