@@ -567,35 +567,47 @@ def measure_profile(profile: Profile, work: Path, methods: list[str], iterations
 
         with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
             rows = list(pool.map(_measure_one, tasks))
-    runs_per_method = {m: 1 if m == "full" else len(labeled) for m in methods}
-    # On a CPU the process time is what a run costs whoever else uses the machine; with one thread per run and
-    # `jobs` runs at a time the profile's wall time is the summed CPU time over the jobs. On a GPU: wall time.
+    # On a CPU the process time is what a run costs whoever else uses the machine (with one thread per run);
+    # on a GPU the wall time per iteration, measured with `jobs` runs sharing the device.
     on_cpu = pick_device(config.get("device", "auto")).type == "cpu"
     key = "cpu_s_per_it" if on_cpu and getattr(args, "threads", 2) == 1 else "wall_s_per_it"
-    est = sum(r[key] * config["iterations"] * runs_per_method[r["method"]] for r in rows) / (jobs if key == "cpu_s_per_it" else 1)
     load = os.getloadavg() if hasattr(os, "getloadavg") else (math.nan,) * 3
     result = {"profile": profile.name, "config": TrainConfig(**config).to_dict(), "measured_iterations": iterations,
-              "jobs": jobs, "estimate_from": key, "labeled": labeled, "rows": rows, "estimated_training_seconds_one_seed": est,
-              "load_average": list(load), "environment": _environment(config)}
+              "jobs": jobs, "estimate_from": key, "labeled": labeled, "rows": rows, "load_average": list(load),
+              "environment": _environment(config)}
+    result["estimated_training_seconds_one_seed"] = estimated_seconds(result)
     results_dir.mkdir(parents=True, exist_ok=True)
     _atomic_text(results_dir / f"{out_name}.json", json.dumps(result, indent=2))
-    env = result["environment"]
-    lines = [f"# Cost per training iteration: profile `{profile.name}`", "",
-             f"Device {env['device']} ({env['machine']}), {env['cpu_threads']} torch threads, {jobs} method(s) at a time; "
-             f"load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} while measuring; {iterations} timed steps "
-             f"after 2 warm-up steps; date {env['date']}.", "",
-             "| method | wall s / it | CPU s / it | runs | training min (one seed, one core) |" if key == "cpu_s_per_it"
-             else "| method | wall s / it | CPU s / it | runs | training min (one seed) |", "|---|---|---|---|---|"]
-    for r in rows:
-        k = runs_per_method[r["method"]]
-        lines.append(f"| {r['method']} | {r['wall_s_per_it']:.3f} | {r['cpu_s_per_it']:.3f} | {k} | "
-                     f"{r[key] * config['iterations'] * k / 60:.1f} |")
-    basis = (f"summed CPU time / {jobs} runs at a time" if key == "cpu_s_per_it" else
-             "wall time per iteration of runs measured " + (f"{jobs} at a time" if jobs > 1 else "one at a time"))
-    lines += ["", f"Estimated training time of the profile ({config['iterations']} iterations, one seed, labeled "
-              f"{labeled}; {basis}): **{est / 60:.0f} min** (validation and test evaluation not included).", ""]
-    _atomic_text(results_dir / f"{out_name}.md", "\n".join(lines))
+    _atomic_text(results_dir / f"{out_name}.md", cost_markdown(result))
     return result
+
+
+def estimated_seconds(cost: dict) -> float:
+    """Training time of one seed of the profile with `jobs` runs at a time: Σ_runs s/it · iterations / jobs."""
+    labeled, its = cost["labeled"], cost["config"]["iterations"]
+    key = cost.get("estimate_from", "wall_s_per_it")
+    total = sum(r[key] * its * (1 if r["method"] == "full" else len(labeled)) for r in cost["rows"])
+    return total / max(1, cost["jobs"])
+
+
+def cost_markdown(cost: dict) -> str:
+    env, jobs, key, load = cost["environment"], cost["jobs"], cost.get("estimate_from", "wall_s_per_it"), cost["load_average"]
+    its, labeled = cost["config"]["iterations"], cost["labeled"]
+    lines = [f"# Cost per training iteration: profile `{cost['profile']}`", "",
+             f"Device {env['device']} ({env['machine']}), {env['cpu_threads']} torch threads per run, {jobs} run(s) at "
+             f"a time; load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} while measuring (other users "
+             f"included); {cost['measured_iterations']} timed steps after 2 warm-up steps; date {env['date']}.", "",
+             "| method | wall s / it | CPU s / it | runs | run time, min (one seed) |", "|---|---|---|---|---|"]
+    for r in cost["rows"]:
+        k = 1 if r["method"] == "full" else len(labeled)
+        lines.append(f"| {r['method']} | {r['wall_s_per_it']:.3f} | {r['cpu_s_per_it']:.3f} | {k} | "
+                     f"{r[key] * its * k / 60:.1f} |")
+    basis = ("CPU seconds per iteration (one thread per run), largely independent of other users' load"
+             if key == "cpu_s_per_it" else f"wall seconds per iteration with {jobs} run(s) sharing the device")
+    lines += ["", f"Estimated training time of the profile ({its} iterations, one seed, labeled {labeled}) with "
+              f"{jobs} run(s) at a time, from {basis}: **{estimated_seconds(cost) / 60:.0f} min** (validation, test "
+              "evaluation and data loading not included).", ""]
+    return "\n".join(lines)
 
 
 def fit_iterations(cost: dict, methods: list[str], labeled: list[int], jobs: int, seconds: float, step: int = 50) -> int:
