@@ -87,7 +87,7 @@ def test_guided_correction_goes_through_the_backend_and_is_folded_into_retrainin
                                        on_plan=lambda cid, plan, arrays: plans.update(plan=plan, arrays=arrays))
         case = clinician.next_case()
         # GET /cases/next?strategy=uncertainty served the most uncertain unreviewed case under the teacher.
-        assert case["case_id"] == max(scores, key=lambda c: (scores[c], c)) and scores[case["case_id"]] is not None
+        assert case["case_id"] == sorted(scores, key=lambda c: (-scores[c], c))[0] and scores[case["case_id"]] is not None
         pending = clinician.prepare(case["case_id"])
 
         # A retrain that starts before the correction arrives: its training set is fixed when it starts.

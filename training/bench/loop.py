@@ -271,21 +271,22 @@ def verdict(agg: dict) -> str:
                    + ".")
     g = agg["arms"].get("uncertainty", {})
     r = agg["arms"].get("random", {})
-    for key, what in (("gain_vs_none_per_1000", "test Dice gain per reviewed voxel beyond retraining alone"),
-                      ("gain_per_1000", "test Dice gain per reviewed voxel")):
+    for key, what in (("gain_per_1000", "test Dice gain per 1000 reviewed voxels"),
+                      ("gain_vs_none_per_1000", "the same beyond retraining alone")):
         gv, rv = (g.get(key) or (None,))[0], (r.get(key) or (None,))[0]
         if gv is None or rv is None:
             continue
         ratio = rat.get(key, {}).get("of_means")
-        if ratio is not None:
-            reached = "reaches" if ratio >= 2 else "does not reach"
-            out.append(f"On the model ({what}) guided is {100 * gv:+.3f} vs random {100 * rv:+.3f} Dice points per 1000 "
-                       f"voxels: ×{ratio:.1f}, which {reached} 2×.")
+        text = f"On the model ({what}) guided {100 * gv:+.3f} vs random {100 * rv:+.3f} Dice points"
+        if ratio is not None and gv > 0:
+            text += f": ×{ratio:.1f}, which {'reaches' if ratio >= 2 else 'does not reach'} 2×."
+        elif gv > 0 >= rv:
+            text += ": random gained nothing, guided did (no finite ratio)."
+        elif gv <= 0 and rv <= 0:
+            text += ": neither gained" + (" (guided lost less)." if gv > rv else ".")
         else:
-            out.append(f"On the model ({what}) guided is {100 * gv:+.3f} vs random {100 * rv:+.3f} Dice points per 1000 "
-                       f"voxels: random gained nothing, so the ratio is undefined"
-                       + (" (guided ahead)." if gv > rv else " (guided not ahead)."))
-        break
+            text += ": guided gained nothing."
+        out.append(text)
     out.append("Why the model-level numbers are small and noisy, and what would change them: docs/refinement.md, "
                "\"Results\".")
     return " ".join(out)
