@@ -44,6 +44,31 @@ def test_phantom_config_is_validated():
         PhantomConfig(shape=(4, 32, 32))
     with pytest.raises(ValueError, match="difficulty"):
         PhantomConfig(difficulty=0)
+    with pytest.raises(ValueError, match="variability"):
+        PhantomConfig(variability=-1)
+
+
+def _contrast(seed: int, cfg: PhantomConfig) -> float:
+    """Target-to-background contrast of one phantom, in background standard deviations."""
+    img, lab = make_phantom(seed, cfg)
+    target = lab.array == 1
+    return float((np.median(img.array[target]) - np.median(img.array[~target])) / img.array[~target].std())
+
+
+def test_variability_spreads_the_cases_appearance_and_zero_keeps_the_old_volumes():
+    # The knob draws from its own random stream: at 0 the volumes are those of a config without it.
+    plain, _ = make_phantom(5, SMALL)
+    zero, _ = make_phantom(5, PhantomConfig(shape=SMALL.shape, variability=0.0))
+    assert np.array_equal(plain.array, zero.array)
+    # The labels keep their meaning (same seed: the target moves only by the size factor) ...
+    _, lab_wide = make_phantom(5, PhantomConfig(shape=SMALL.shape, variability=2.0))
+    _, lab_plain = make_phantom(5, SMALL)
+    overlap = (lab_wide.array & lab_plain.array).sum() / max(1, min(lab_wide.array.sum(), lab_plain.array.sum()))
+    assert overlap > 0.7
+    # ... while the contrast from case to case spreads much more than with one "scanner".
+    narrow = [_contrast(s, SMALL) for s in range(8)]
+    wide = [_contrast(s, PhantomConfig(shape=SMALL.shape, variability=2.0)) for s in range(8)]
+    assert np.std(wide) > 1.5 * np.std(narrow)
 
 
 def test_dataset_folder_layout_and_fixed_splits(tiny_dataset):

@@ -27,12 +27,18 @@ class PhantomConfig:
 
     shape: voxels (z, y, x). spacing: mm (x, y, z); anisotropic by default like many clinical scans.
     difficulty: scales noise, bias field and how many neighbours touch the target (0.5 easy … 2 hard).
+    variability: how much the cases differ from each other (0 = one scanner and one anatomy range … 2 = wide):
+        per-case contrast curve (gamma), blood/tissue contrast, neighbour brightness relative to the target, noise
+        level, blur, target size and extra neighbours. This is what a few labeled cases cannot cover and what
+        unlabeled cases show the model, as with multi-centre MRI. Drawn from a separate random stream, so
+        variability 0 gives the same volumes as before the knob existed.
     """
 
     shape: tuple[int, int, int] = (40, 64, 64)
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.6)
     difficulty: float = 1.0
     rotation_deg: float = 12.0  # direction cosines: rotation about the z axis
+    variability: float = 0.0
 
     def __post_init__(self) -> None:
         if len(self.shape) != 3 or min(self.shape) < 8:
@@ -41,6 +47,8 @@ class PhantomConfig:
             raise ValueError(f"spacing must be three positive numbers, got {self.spacing}")
         if not 0.0 < self.difficulty <= 4.0:
             raise ValueError(f"difficulty must be in (0, 4], got {self.difficulty}")
+        if not 0.0 <= self.variability <= 4.0:
+            raise ValueError(f"variability must be in [0, 4], got {self.variability}")
 
 
 def _smooth_noise(rng: np.random.Generator, shape, sigma: float) -> np.ndarray:
@@ -91,11 +99,23 @@ def make_phantom(seed: int, config: PhantomConfig | None = None) -> tuple[Volume
     pts = np.stack([xx, yy, zz], axis=-1).astype(np.float32)  # mm, (x, y, z) per voxel
     extent = np.array([nx * sx, ny * sy, nz * sz], dtype=np.float32)
     d = cfg.difficulty
+    v = cfg.variability
+    # Per-case appearance and anatomy factors: their own stream, so that v = 0 leaves `rng`'s draws unchanged.
+    case_rng = np.random.default_rng([seed, 0x5EED])
+    spread = case_rng.uniform(-1.0, 1.0, 7) * v
+    gamma = float(np.exp(0.45 * spread[0]))
+    tissue_level = 0.35 * float(np.exp(0.35 * spread[1]))
+    neighbour_gain = float(np.exp(0.12 * spread[2]))
+    noise_gain = float(np.exp(0.45 * spread[3]))
+    blur_gain = float(np.exp(0.35 * spread[4]))
+    size_gain = float(np.exp(0.18 * spread[5]))
+    extra_neighbours = int(case_rng.integers(0, int(round(v)) + 1)) if v > 0 else 0
 
     # Target: deformed ellipsoid near the centre, radii a fraction of the field of view.
     centre = extent * (0.5 + rng.uniform(-0.08, 0.08, 3))
     radii = extent.min() * rng.uniform(0.19, 0.27, 3)
     radii[2] = min(radii[2], extent[2] * 0.3)
+    radii = radii * size_gain
     rot = _random_rotation(rng)
     shape_noise = ndimage.zoom(_smooth_noise(rng, (6, 6, 6), 1.0), np.array(cfg.shape) / 6.0, order=1)
     target = (_ellipsoid_distance(pts, centre, radii, rot) + 0.18 * shape_noise[: nz, : ny, : nx]) < 1.0
@@ -111,7 +131,7 @@ def make_phantom(seed: int, config: PhantomConfig | None = None) -> tuple[Volume
 
     # Neighbours: same-intensity structures touching the target, never labeled.
     neighbours = np.zeros(cfg.shape, bool)
-    n_neigh = int(np.clip(rng.integers(1, 3) + round(d - 1.0), 1, 4))
+    n_neigh = int(np.clip(rng.integers(1, 3) + round(d - 1.0), 1, 4)) + extra_neighbours
     for _ in range(n_neigh):
         direction = _unit(rng)
         nb_radii = extent.min() * rng.uniform(0.10, 0.17, 3)
@@ -129,16 +149,17 @@ def make_phantom(seed: int, config: PhantomConfig | None = None) -> tuple[Volume
     wall = target_shell & neighbours & (_smooth_noise(rng, cfg.shape, 2.0) > 0.3 * d)
 
     # Intensities: tissue texture, blood pool, wall.
-    tissue = 0.35 + 0.06 * _smooth_noise(rng, cfg.shape, 1.5) + 0.05 * _smooth_noise(rng, cfg.shape, 4.0)
+    tissue = tissue_level + 0.06 * _smooth_noise(rng, cfg.shape, 1.5) + 0.05 * _smooth_noise(rng, cfg.shape, 4.0)
     img = tissue.astype(np.float32)
     blood = 1.0 + 0.04 * _smooth_noise(rng, cfg.shape, 3.0)
-    img = np.where(target | neighbours, blood, img)
+    img = np.where(target, blood, np.where(neighbours, blood * neighbour_gain, img))
     img = np.where(wall, 0.5 * img + 0.15, img)
     # Partial-volume blur (anisotropic in voxels because the spacing is), then bias field, then Rician noise.
-    img = ndimage.gaussian_filter(img, sigma=(0.6, 0.9, 0.9))
+    img = ndimage.gaussian_filter(img, sigma=(0.6 * blur_gain, 0.9 * blur_gain, 0.9 * blur_gain))
     bias = np.exp(0.25 * d * ndimage.zoom(_smooth_noise(rng, (4, 4, 4), 0.8), np.array(cfg.shape) / 4.0, order=1))
     img = img * bias[: nz, : ny, : nx]
-    sigma = 0.07 * d
+    img = np.power(np.clip(img, 0.0, None), gamma)  # the scanner's contrast curve differs from case to case
+    sigma = 0.07 * d * noise_gain
     img = np.sqrt((img + sigma * rng.standard_normal(cfg.shape)) ** 2 + (sigma * rng.standard_normal(cfg.shape)) ** 2)
     img = ((img - img.mean()) / (img.std() + 1e-8)).astype(np.float32)
 

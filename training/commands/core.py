@@ -22,6 +22,8 @@ def register(sub) -> None:
     p.add_argument("--test", type=int, default=12)
     p.add_argument("--shape", type=int, nargs=3, default=[40, 64, 64], metavar=("Z", "Y", "X"))
     p.add_argument("--difficulty", type=float, default=1.0)
+    p.add_argument("--variability", type=float, default=0.0,
+                   help="how much cases differ in contrast, noise, blur and anatomy (0 … 2; see PhantomConfig)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_phantoms)
 
@@ -63,7 +65,7 @@ def register(sub) -> None:
 def cmd_make_phantoms(args) -> int:
     from SSLSegmentLib.data.phantoms import PhantomConfig, write_phantom_dataset
 
-    cfg = PhantomConfig(shape=tuple(args.shape), difficulty=args.difficulty)
+    cfg = PhantomConfig(shape=tuple(args.shape), difficulty=args.difficulty, variability=args.variability)
     out = write_phantom_dataset(args.out, args.train, args.val, args.test, cfg, seed=args.seed, progress=True)
     print(f"wrote {args.train + args.val + args.test} phantoms to {out}")
     return 0
