@@ -28,3 +28,36 @@ def tiny_net_config():
     from SSLSegmentLib.networks import NetworkConfig
 
     return NetworkConfig(**TINY_NET)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread: on a shared 2-core machine two threads stall on each other (benchmarks/results/uncertainty.md)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def train_tiny(root, out_dir, method: str, n_labeled: int = 4, **overrides):
+    """Train `method` from scratch on the tiny phantoms (first `n_labeled` train cases labeled).
+
+    Returns (trainer, validation Dice before training, `Trainer.fit()` result)."""
+    from SSLSegmentLib.data.dataset import DataSet
+    from SSLSegmentLib.trainer import TrainConfig, Trainer
+
+    ds = DataSet(root)
+    train = ds.training_samples(ds.splits["train"], ds.splits["train"][:n_labeled])
+    val = ds.training_samples(ds.splits["val"], ds.splits["val"])
+    config = dict(method=method, network=TINY_NET, patch_size=TINY_PATCH, iterations=24, val_interval=12,
+                  batch_unlabeled=1, lr=0.05, seed=0)
+    config.update(overrides)
+    trainer = Trainer(TrainConfig(**config), train, val, out_dir=out_dir)
+    start = trainer.validate()
+    return trainer, start, trainer.fit()
+
+
+def assert_learned(start: float, result: dict) -> None:
+    """Validation Dice rose well above where it started and ended up meaningful."""
+    assert result["best_val_dice"] > start + 0.3, (start, result["history"])
+    assert result["best_val_dice"] > 0.5

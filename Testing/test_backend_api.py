@@ -5,7 +5,6 @@ submissions, retrain trigger, cancellation and a killed worker."""
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
 import time
 import urllib.error

@@ -4,10 +4,6 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
-
-import numpy as np
-import pytest
 
 from conftest import TINY_NET
 from SSLSegmentLib.data.imageio import Geometry, Volume, read_volume, write_volume

@@ -5,11 +5,10 @@ import math
 import pytest
 import torch
 
-from conftest import TINY_NET, TINY_PATCH
-from SSLSegmentLib.data.dataset import DataSet
+from conftest import TINY_NET, assert_learned, train_tiny
 from SSLSegmentLib.methods import get_method
 from SSLSegmentLib.methods.lcc import LowConfidenceConsistency
-from SSLSegmentLib.trainer import TrainConfig, Trainer, load_checkpoint
+from SSLSegmentLib.trainer import load_checkpoint
 
 
 def _v(values, dtype=torch.float32) -> torch.Tensor:
@@ -97,15 +96,7 @@ def test_options_are_validated():
 
 
 def test_lcc_learns_on_tiny_phantoms_and_checkpoints_prototypes(tiny_dataset, tmp_path):
-    ds = DataSet(tiny_dataset)
-    train = ds.training_samples(ds.splits["train"], ds.splits["train"][:4])
-    val = ds.training_samples(ds.splits["val"], ds.splits["val"])
-    cfg = TrainConfig(method="lcc", network=TINY_NET, patch_size=TINY_PATCH, iterations=24, val_interval=12,
-                      batch_unlabeled=1, lr=0.05, seed=0)
-    trainer = Trainer(cfg, train, val, out_dir=tmp_path)
-    start = trainer.validate()
-    result = trainer.fit()
-    assert result["best_val_dice"] > start + 0.3, (start, result["history"])
-    assert result["best_val_dice"] > 0.5
+    _, start, result = train_tiny(tiny_dataset, tmp_path, "lcc")
+    assert_learned(start, result)
     state = load_checkpoint(tmp_path / "last.pt")["method_state"]
     assert state["prototypes"].shape == (2, TINY_NET["features"]) and state["prototype_seen"].tolist() == [1, 1]

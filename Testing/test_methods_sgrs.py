@@ -6,11 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import TINY_NET, TINY_PATCH
-from SSLSegmentLib.data.dataset import DataSet
+from conftest import assert_learned, train_tiny
 from SSLSegmentLib.methods.base import StepContext
 from SSLSegmentLib.methods.sgrs import SGRS, soft_dice_loss
-from SSLSegmentLib.trainer import TrainConfig, Trainer
 
 
 def _two(p_fg) -> torch.Tensor:
@@ -149,13 +147,5 @@ def test_options_are_validated():
 
 
 def test_sgrs_learns_on_tiny_phantoms(tiny_dataset, tmp_path):
-    ds = DataSet(tiny_dataset)
-    train = ds.training_samples(ds.splits["train"], ds.splits["train"][:4])
-    val = ds.training_samples(ds.splits["val"], ds.splits["val"])
-    cfg = TrainConfig(method="sgrs", network=TINY_NET, patch_size=TINY_PATCH, iterations=24, val_interval=12,
-                      batch_unlabeled=1, lr=0.05, seed=0)
-    trainer = Trainer(cfg, train, val, out_dir=tmp_path)
-    start = trainer.validate()
-    result = trainer.fit()
-    assert result["best_val_dice"] > start + 0.3, (start, result["history"])
-    assert result["best_val_dice"] > 0.5
+    _, start, result = train_tiny(tiny_dataset, tmp_path, "sgrs")
+    assert_learned(start, result)

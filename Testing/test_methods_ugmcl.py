@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_NET, TINY_PATCH
-from SSLSegmentLib.data.dataset import DataSet
+from conftest import assert_learned, train_tiny
 from SSLSegmentLib.methods import get_method
 from SSLSegmentLib.methods.ug_mcl import UGMCL, signed_distance_map
-from SSLSegmentLib.trainer import TrainConfig, Trainer, load_checkpoint
+from SSLSegmentLib.trainer import load_checkpoint
 
 
 def _fg(p: torch.Tensor) -> torch.Tensor:
@@ -118,17 +117,9 @@ def test_options_validated_and_network_without_levelset_head_refused(tiny_net_co
 
 
 def test_ugmcl_learns_on_tiny_phantoms(tiny_dataset, tmp_path):
-    ds = DataSet(tiny_dataset)
-    train = ds.training_samples(ds.splits["train"], ds.splits["train"][:4])
-    val = ds.training_samples(ds.splits["val"], ds.splits["val"])
-    cfg = TrainConfig(method="ug-mcl", method_options={"passes": 2, "consistency_weight": 0.1, "sdf_weight": 0.3},
-                      network=TINY_NET, patch_size=TINY_PATCH, iterations=24, val_interval=12,
-                      batch_unlabeled=1, lr=0.05, seed=0)
-    trainer = Trainer(cfg, train, val, out_dir=tmp_path)
+    trainer, start, result = train_tiny(
+        tiny_dataset, tmp_path, "ug-mcl", method_options={"passes": 2, "consistency_weight": 0.1, "sdf_weight": 0.3})
     assert trainer.student.levelset is not None  # the method asked for the level-set head
-    start = trainer.validate()
-    result = trainer.fit()
-    assert result["best_val_dice"] > start + 0.3, (start, result["history"])
-    assert result["best_val_dice"] > 0.5
+    assert_learned(start, result)
     ckpt = load_checkpoint(tmp_path / "best.pt")
     assert ckpt["network"]["levelset_head"] is True and ckpt["method_options"]["sdf_weight"] == 0.3

@@ -22,13 +22,7 @@ from SSLSegmentLib.uncertainty import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on a shared 2-core machine two threads stall on each other (benchmarks/results/uncertainty.md)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _net(seed: int = 0, **overrides) -> nn.Module:
