@@ -64,6 +64,20 @@ def test_fit_iterations_packs_runs_into_the_time_budget():
     assert fit_iterations(cost, ["supervised"], [8], 1, 1) == 50  # never below one step
     with pytest.raises(ValueError, match="lcc"):
         fit_iterations(cost, ["lcc"], [8], 1, 100)
+    # A CPU cost file estimates from CPU seconds (one thread per run), and so does the fit.
+    cpu = {"estimate_from": "cpu_s_per_it", "rows": [{**r, "cpu_s_per_it": r["wall_s_per_it"] / 2} for r in cost["rows"]]}
+    assert fit_iterations(cpu, ["supervised", "full", "sgrs"], [4, 8], 3, 300) == 2000
+
+
+def test_cost_estimate_and_fit_agree():
+    from training.bench.ssl import estimated_seconds, fit_iterations
+
+    cost = {"estimate_from": "cpu_s_per_it", "labeled": [4, 8], "jobs": 2, "config": {"iterations": 1000},
+            "rows": [{"method": "full", "cpu_s_per_it": 0.2, "wall_s_per_it": 1.0},
+                     {"method": "brl", "cpu_s_per_it": 0.5, "wall_s_per_it": 3.0}]}
+    # (0.2 + 2·0.5) CPU s per iteration of the seed's runs, 1000 iterations, 2 at a time
+    assert estimated_seconds(cost) == pytest.approx(600.0)
+    assert fit_iterations(cost, ["full", "brl"], [4, 8], 2, estimated_seconds(cost), step=10) == 1000
 
 
 def test_resume_keeps_finished_runs_of_the_same_config_only(tmp_path):

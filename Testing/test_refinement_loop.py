@@ -87,7 +87,7 @@ def test_guided_correction_goes_through_the_backend_and_is_folded_into_retrainin
                                        on_plan=lambda cid, plan, arrays: plans.update(plan=plan, arrays=arrays))
         case = clinician.next_case()
         # GET /cases/next?strategy=uncertainty served the most uncertain unreviewed case under the teacher.
-        assert case["case_id"] == sorted(scores, key=lambda c: (-scores[c], c))[0] and scores[case["case_id"]] is not None
+        assert case["case_id"] == min(scores, key=lambda c: (-scores[c], c)) and scores[case["case_id"]] is not None
         pending = clinician.prepare(case["case_id"])
 
         # A retrain that starts before the correction arrives: its training set is fixed when it starts.
@@ -148,6 +148,15 @@ def test_guided_correction_goes_through_the_backend_and_is_folded_into_retrainin
         # And the retrain with the correction keeps the test split's Dice.
         dice = {v: _test_dice(net, ds) for v, net in nets.items()}
         assert dice[with_] >= dice[without] - 0.05, dice
+
+
+def test_guided_random_ratio_only_between_two_gains():
+    from training.refinement import gain_ratio
+
+    assert gain_ratio(0.4, 0.1) == pytest.approx(4.0)
+    # Guided gained and random lost: "random gained nothing", not a negative ratio; likewise the other way round.
+    assert gain_ratio(0.02, -0.01) is None and gain_ratio(-0.02, 0.01) is None and gain_ratio(-0.2, -0.1) is None
+    assert gain_ratio(None, 0.1) is None and gain_ratio(0.1, 0.0) is None and gain_ratio(float("nan"), 0.1) is None
 
 
 def test_loop_round_and_report(base, tiny_dataset, tmp_path):

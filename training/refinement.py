@@ -466,14 +466,16 @@ def summarize(result: dict) -> dict:
     if "uncertainty" in out and "random" in out:
         g, r = out["uncertainty"], out["random"]
         for key in ("gain_per_1000", "gain_vs_none_per_1000", "fixed_per_1000", "case_gain_per_1000"):
-            ratios[key] = _ratio(g[key], r[key])
+            ratios[key] = gain_ratio(g[key], r[key])
     teacher_eval = next(iter(arms.values()))["start"]
     return {"arms": out, "guided_vs_random": ratios, "teacher_error_detection": teacher_eval["error_detection"],
             "teacher_dice": teacher_eval["dice_mean"]}
 
 
-def _ratio(a, b):
-    if a is None or b is None or not math.isfinite(a) or not math.isfinite(b) or b <= 0:
+def gain_ratio(a, b):
+    """a / b when both are finite and positive, else None: a ratio of two gains says something only when both gained
+    (guided +0.02 vs random -0.01 is "random gained nothing", not "×-2")."""
+    if a is None or b is None or not math.isfinite(a) or not math.isfinite(b) or a <= 0 or b <= 0:
         return None
     return a / b
 

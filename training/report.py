@@ -326,12 +326,10 @@ def markdown(result: dict, pictures: dict) -> str:
             lines.append(f"- Test Dice gain per 1000 reviewed voxels, beyond retraining alone: "
                          f"{_num(_scaled(g['gain_vs_none_per_1000']), '{:+.3f}')} % points guided vs "
                          f"{_num(_scaled(r['gain_vs_none_per_1000']), '{:+.3f}')} random"
-                         + (f" (×{ratios['gain_vs_none_per_1000']:.1f})"
-                            if ratios.get("gain_vs_none_per_1000") and g["gain_vs_none_per_1000"] > 0
-                            and r["gain_vs_none_per_1000"] > 0 else "")
-                         + ". One run: a 60-iteration retrain with promotion on a few validation cases moves test Dice "
-                         "by 1-2 points on its own, so read this line over several seeds (`make bench-loop`; "
-                         "docs/refinement.md, \"Results\").")
+                         + (f" (×{ratios['gain_vs_none_per_1000']:.1f})" if ratios.get("gain_vs_none_per_1000") else "")
+                         + f". One run: a {cfg['finetune'].get('iterations')}-iteration retrain with promotion on a few "
+                         "validation cases moves test Dice by 1-2 points on its own, so read this line over several "
+                         "seeds (`make bench-loop`; docs/refinement.md, \"Results\").")
         det0, det1 = s["teacher_error_detection"], g["error_detection_final"]
         lines.append(f"- The heatmap points at the errors: AUROC {_num(det0.get('auroc'))} (teacher) → "
                      f"{_num(det1.get('auroc'))} (after); the 5 % most uncertain test voxels hold "

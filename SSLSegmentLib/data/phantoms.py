@@ -109,7 +109,7 @@ def make_phantom(seed: int, config: PhantomConfig | None = None) -> tuple[Volume
     noise_gain = float(np.exp(0.45 * spread[3]))
     blur_gain = float(np.exp(0.35 * spread[4]))
     size_gain = float(np.exp(0.18 * spread[5]))
-    extra_neighbours = int(case_rng.integers(0, int(round(v)) + 1)) if v > 0 else 0
+    extra_neighbours = int(case_rng.integers(0, int(round(v)) + 1))
 
     # Target: deformed ellipsoid near the centre, radii a fraction of the field of view.
     centre = extent * (0.5 + rng.uniform(-0.08, 0.08, 3))

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.refinement import Console, LoopConfig, finetune_params, run_loop
+from training.refinement import Console, LoopConfig, finetune_params, gain_ratio, run_loop
 
 RESULTS = Path("benchmarks/results")
 REPO = Path(__file__).resolve().parents[2]
@@ -134,9 +134,10 @@ def aggregate(runs: list[dict]) -> dict:
         out["arms"][a] = agg
     ratios = {}
     for key in ("fixed_per_1000", "case_gain_per_1000", "gain_per_1000", "gain_vs_none_per_1000"):
-        per_seed = [r["summary"]["guided_vs_random"].get(key) for r in runs]
+        per_seed = [gain_ratio(r["summary"]["arms"].get("uncertainty", {}).get(key),
+                               r["summary"]["arms"].get("random", {}).get(key)) for r in runs]
         g, rnd = out["arms"].get("uncertainty", {}).get(key), out["arms"].get("random", {}).get(key)
-        of_means = g[0] / rnd[0] if g and rnd and g[0] is not None and rnd[0] not in (None, 0) and rnd[0] > 0 else None
+        of_means = gain_ratio(g[0], rnd[0]) if g and rnd else None
         ratios[key] = {"of_means": of_means, "per_seed": per_seed}
     out["guided_vs_random"] = ratios
     out["teacher"] = {"dice": _mean_sd([r["summary"]["teacher_dice"] for r in runs]),
@@ -278,7 +279,7 @@ def verdict(agg: dict) -> str:
             continue
         ratio = rat.get(key, {}).get("of_means")
         text = f"On the model ({what}) guided {100 * gv:+.3f} vs random {100 * rv:+.3f} Dice points"
-        if ratio is not None and gv > 0:
+        if ratio is not None:
             text += f": ×{ratio:.1f}, which {'reaches' if ratio >= 2 else 'does not reach'} 2×."
         elif gv > 0 >= rv:
             text += ": random gained nothing, guided did (no finite ratio)."
@@ -293,20 +294,27 @@ def verdict(agg: dict) -> str:
 
 
 def render(json_path: str | Path) -> Path:
-    """Rewrite the markdown next to a result JSON with the current table code (no training)."""
-    from SSLSegmentLib.data.imageio import atomic_write_bytes
-
+    """Rewrite a result JSON's aggregate and its markdown with the current code, from the runs it holds (no training)."""
     path = Path(json_path)
     result = json.loads(path.read_text())
-    return atomic_write_bytes(path.with_suffix(".md"), markdown(result).encode())
+    for run in result["runs"]:
+        g, r = run["summary"]["arms"].get("uncertainty", {}), run["summary"]["arms"].get("random", {})
+        run["summary"]["guided_vs_random"] = {k: gain_ratio(g.get(k), r.get(k)) for k in run["summary"]["guided_vs_random"]}
+    result["aggregate"] = aggregate(result["runs"])
+    _write_files(path, result)
+    return path.with_suffix(".md")
 
 
 def _write(result: dict, out_name: str) -> None:
+    _write_files(RESULTS / f"{out_name}.json", result)
+
+
+def _write_files(json_path: Path, result: dict) -> None:
     from SSLSegmentLib.data.imageio import atomic_write_bytes
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(RESULTS / f"{out_name}.json", json.dumps(result, indent=2, default=float).encode())
-    atomic_write_bytes(RESULTS / f"{out_name}.md", markdown(result).encode())
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(json_path, json.dumps(result, indent=2, default=float).encode())
+    atomic_write_bytes(json_path.with_suffix(".md"), markdown(result).encode())
 
 
 def _run_record(seed: int, data: Path, res: dict) -> dict:

@@ -589,12 +589,21 @@ def measure_profile(profile: Profile, work: Path, methods: list[str], iterations
     return result
 
 
+def _seconds_per_iteration(cost: dict, methods: list[str], labeled: list[int]) -> float:
+    """Σ over the runs of one seed (full once, every other method once per labeled count) of s/it, with the cost
+    file's basis (CPU seconds on a CPU with one thread per run, else wall seconds)."""
+    key = cost.get("estimate_from", "wall_s_per_it")
+    per_it = {r["method"]: r[key] for r in cost["rows"]}
+    missing = [m for m in methods if m not in per_it]
+    if missing:
+        raise ValueError(f"the cost file has no measurement for {missing}")
+    return sum(per_it[m] * (1 if m == "full" else len(labeled)) for m in methods)
+
+
 def estimated_seconds(cost: dict) -> float:
     """Training time of one seed of the profile with `jobs` runs at a time: Σ_runs s/it · iterations / jobs."""
-    labeled, its = cost["labeled"], cost["config"]["iterations"]
-    key = cost.get("estimate_from", "wall_s_per_it")
-    total = sum(r[key] * its * (1 if r["method"] == "full" else len(labeled)) for r in cost["rows"])
-    return total / max(1, cost["jobs"])
+    methods = [r["method"] for r in cost["rows"]]
+    return _seconds_per_iteration(cost, methods, cost["labeled"]) * cost["config"]["iterations"] / max(1, cost["jobs"])
 
 
 def cost_markdown(cost: dict) -> str:
@@ -620,12 +629,7 @@ def cost_markdown(cost: dict) -> str:
 def fit_iterations(cost: dict, methods: list[str], labeled: list[int], jobs: int, seconds: float, step: int = 50) -> int:
     """Iterations such that Σ_runs (s/it) · iterations / jobs ≈ `seconds` (runs packed `jobs` at a time), rounded
     down to a multiple of `step` (at least `step`). s/it comes from `measure_profile` with the same job count."""
-    per_it = {r["method"]: r["wall_s_per_it"] for r in cost["rows"]}
-    missing = [m for m in methods if m not in per_it]
-    if missing:
-        raise ValueError(f"the cost file has no measurement for {missing}")
-    total = sum(per_it[m] * (1 if m == "full" else len(labeled)) for m in methods)
-    return max(step, int(seconds * max(1, jobs) / total) // step * step)
+    return max(step, int(seconds * max(1, jobs) / _seconds_per_iteration(cost, methods, labeled)) // step * step)
 
 
 def main(argv=None) -> int:
