@@ -43,6 +43,19 @@ def test_summary_over_seeds_and_gap_closed():
     assert one["sgrs"]["test"]["dice"] == (0.80, 0.1)  # one seed: the sd over test cases
 
 
+def test_no_gap_closed_when_full_supervision_is_not_above_supervised():
+    # An undertrained budget can leave full supervision below supervised-only; a ratio would then flip sign.
+    runs = [_run("supervised", 8, 0, 0.75), _run("full", "all", 0, 0.73), _run("ua-mt", 8, 0, 0.76)]
+    result = {"profile": "la-quick", "description": "d", "seeds": [0], "config": PROFILES["la-quick"].config | {
+              "network": {"arch": "unet", "channels": [16]}}, "environment": {"device": "cpu", "machine": "x86_64",
+              "processor": "x86_64", "cpu_threads": 1, "python": "3", "torch": "2", "monai": "1", "date": "today"},
+              "summary": summarize_runs(runs, ["supervised", "full", "ua-mt"], [8])}
+    assert math.isnan(result["summary"]["8"]["ua-mt"]["gap_closed_test"])
+    table = markdown_table(result)
+    assert "No gap to close" in table and "73.00 vs 75.00" in table
+    assert "%" not in table.split("| ua-mt |")[1].split("|")[4]  # the gap column stays empty
+
+
 def test_table_names_the_device_and_flags_a_reduced_run():
     runs = [_run("supervised", 8, 0, 0.6), _run("full", "all", 0, 0.9), _run("lcc", 8, 0, 0.7)]
     result = {"profile": "paper", "description": "d", "seeds": [0], "config": scaled_config(PROFILES["paper"], 300),

@@ -445,7 +445,9 @@ def summarize_runs(runs: list[dict], methods: list[str], labeled: list[int]) -> 
         sup, full = rows.get("supervised"), rows.get("full")
         for m, row in rows.items():
             for key in ("test", "test_last"):
-                if sup and full and key in row and key in sup and key in full and full[key]["dice"][0] != sup[key]["dice"][0]:
+                # Only a positive gap can be closed: where full supervision is not above supervised-only (an
+                # undertrained budget), a ratio would flip sign and rank nothing.
+                if sup and full and key in row and key in sup and key in full and full[key]["dice"][0] > sup[key]["dice"][0]:
                     row[f"gap_closed_{key}"] = (row[key]["dice"][0] - sup[key]["dice"][0]) / (full[key]["dice"][0] - sup[key]["dice"][0])
                 else:
                     row[f"gap_closed_{key}"] = math.nan
@@ -494,6 +496,10 @@ def markdown_table(result: dict) -> str:
     has_last = any("test_last" in r for rows in result["summary"].values() for r in rows.values())
     for n, rows in result["summary"].items():
         lines += [f"## {n} labeled", ""]
+        sup, full = rows.get("supervised", {}).get("test"), rows.get("full", {}).get("test")
+        if sup and full and full["dice"][0] <= sup["dice"][0]:
+            lines += ["No gap to close: full supervision is not above supervised-only at this budget "
+                      f"({100 * full['dice'][0]:.2f} vs {100 * sup['dice'][0]:.2f} Dice %).", ""]
         head = "| method | Dice % | Jaccard % | HD95 (vox) | ASD (vox) | gap closed | val Dice % (step) |"
         sep = "|---|---|---|---|---|---|---|"
         if has_last:
