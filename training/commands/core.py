@@ -37,7 +37,7 @@ def register(sub) -> None:
     p.add_argument("--val-interval", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE", help="e.g. beta=1.0")
+    p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE", help="e.g. beta=0.3")
     p.add_argument("--out", required=True)
     _net_args(p)
     p.set_defaults(func=cmd_train)
