@@ -29,6 +29,7 @@ from .uncertainty.calibration import Calibration
 from .uncertainty.estimators import (
     DEFAULT_ESTIMATOR,
     DEFAULT_PASS_BATCH,
+    DEFAULT_WINDOW_BATCH,
     ESTIMATORS,
     make_estimator,
     maps_from_statistics,
@@ -137,12 +138,12 @@ def predict_volume(
     passes: int = 8,
     overlap: float = 0.25,
     device: str | torch.device | None = "auto",
-    sw_batch_size: int = 1,
+    sw_batch_size: int | str = "auto",
     seed: int = 0,
     *,
     estimator: str | None = None,
     pass_batch: int | None | str = "auto",
-    amp: bool | None = None,
+    amp: bool = False,
     temperature: float | Calibration | None = None,
     stitch_device: str | torch.device | None = None,
     flip_axes: Sequence[int] = (0, 1, 2),
@@ -157,7 +158,10 @@ def predict_volume(
     estimator: one of ESTIMATORS; None = DEFAULT_ESTIMATOR with fallbacks (see resolve_estimator).
     pass_batch: passes run as one batch; "auto" = measured per device (DEFAULT_PASS_BATCH); None = all T at once;
         1 = one after another.
-    amp: bfloat16 autocast (None = on for CUDA). temperature: a fitted calibration (float τ or Calibration).
+    sw_batch_size: windows per batch; "auto" = measured per device (DEFAULT_WINDOW_BATCH).
+    amp: bfloat16 autocast. Off by default: on an H100 with the default network and 4 windows per batch it saved
+        0.002 s of head MC's 0.074 s per volume at 7× float32's rounding in the maps (uncertainty.md); worth trying for
+        large networks. temperature: a fitted calibration (float τ or Calibration).
     stitch_device: where the stitched output lives (None = the compute device unless too big for the GPU).
     seed: dropout masks (head) and dropout sampling (elsewhere) depend on it alone; the caller's RNG is untouched.
     balanced_masks: the head's T dropout masks are balanced across passes (stratified; see HeadDropoutMasks);
@@ -180,9 +184,13 @@ def predict_volume(
         raise ValueError(f"pass_batch must be 'auto', None (all passes at once) or an integer >= 1, got {pass_batch!r}")
     if pass_batch == "auto":
         pass_batch = DEFAULT_PASS_BATCH.get(dev.type, 1)
+    if sw_batch_size == "auto":
+        sw_batch_size = DEFAULT_WINDOW_BATCH.get(dev.type, 1)
+    if not (isinstance(sw_batch_size, int) and sw_batch_size >= 1):
+        raise ValueError(f"sw_batch_size must be 'auto' or an integer >= 1, got {sw_batch_size!r}")
     est = make_estimator(name, models if name == "ensemble" else models[0], passes, seed, pass_batch, flip_axes,
                          balanced_masks)
-    use_amp = (dev.type == "cuda") if amp is None else bool(amp)
+    use_amp = bool(amp)
 
     x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
     classes = int(getattr(getattr(unwrap(models[0]), "config", None), "num_classes", 2))

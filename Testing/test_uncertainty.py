@@ -290,6 +290,18 @@ def test_backward_compatible_call_and_deterministic_single_pass():
     np.testing.assert_allclose(pos.probabilities, one.probabilities, atol=1e-6)
 
 
+def test_windows_per_batch_change_the_speed_not_the_maps():
+    net = _net()
+    image = _image((16, 24, 40))
+    auto = predict_volume(net, image, WINDOW, passes=4, device="cpu", estimator="head_mc", seed=3)  # "auto": 1 on a CPU
+    four = predict_volume(net, image, WINDOW, passes=4, device="cpu", estimator="head_mc", seed=3, sw_batch_size=4)
+    np.testing.assert_allclose(four.probabilities, auto.probabilities, atol=1e-5)
+    np.testing.assert_allclose(four.entropy, auto.entropy, atol=1e-5)
+    for bad in (0, "four", 1.5):
+        with pytest.raises(ValueError, match="sw_batch_size"):
+            predict_volume(net, image, WINDOW, passes=1, device="cpu", sw_batch_size=bad)
+
+
 def test_bfloat16_autocast_stays_close_to_float32():
     net = _net()
     image = _image()

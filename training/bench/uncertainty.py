@@ -39,9 +39,10 @@ PASSES = 8
 
 
 
-def _case(name, estimator, pass_batch=1, sw=1, amp=None, window="patch", repeats=0, threads=None):
+def _case(name, estimator, pass_batch=1, sw="auto", amp=None, window="patch", repeats=0, threads=None):
     """One speed row. window: "patch" = the training patch (what the product infers with), "volume" = the whole volume
-    as one window. amp None = the device default (bf16 autocast on CUDA only). repeats: timed runs on a CPU after the
+    as one window. sw "auto" and amp None = the product's defaults (windows per batch: 1 on a CPU, 4 on CUDA;
+    float32). repeats: timed runs on a CPU after the
     first (the first run is timed too; for the long rows it is the only one)."""
     return {"name": name, "estimator": estimator, "pass_batch": pass_batch, "sw": sw, "amp": amp, "window": window,
             "repeats": repeats, "threads": threads}
@@ -67,11 +68,10 @@ CPU_ONLY_CASES = [  # what a second thread buys on this (possibly shared) machin
 ]
 GPU_EXTRA_CASES = [
     _case("flips_batched", "flips", None),
-    _case("plain_4_windows", "plain", sw=4),
-    _case("head_mc_4_windows", "head_mc", "auto", sw=4),
-    _case("mc_dropout_4_windows", "mc_dropout", "auto", sw=4),
-    _case("plain_fp32", "plain", amp=False),
-    _case("head_mc_fp32", "head_mc", "auto", amp=False),
+    _case("plain_1_window", "plain", sw=1),
+    _case("head_mc_1_window", "head_mc", "auto", sw=1),
+    _case("plain_bf16", "plain", amp=True),
+    _case("head_mc_bf16", "head_mc", "auto", amp=True),
 ]
 QUALITY_ESTIMATORS = ["plain", "mc_dropout", "head_mc", "flips", "ensemble"]
 
@@ -457,11 +457,10 @@ SPEED_LABELS = {
     "mc_dropout_batched_whole_volume": "whole volume as one window: full MC, batched",
     "plain_2_threads": "plain, 2 torch threads",
     "head_mc_2_threads": "head MC, 2 torch threads",
-    "plain_4_windows": "plain, 4 windows per batch",
-    "head_mc_4_windows": "head MC, 4 windows per batch",
-    "mc_dropout_4_windows": "full MC (device default), 4 windows per batch",
-    "plain_fp32": "plain, float32 (no autocast)",
-    "head_mc_fp32": "head MC, float32 (no autocast)",
+    "plain_1_window": "plain, 1 window per batch",
+    "head_mc_1_window": "head MC, 1 window per batch",
+    "plain_bf16": "plain, bf16 autocast",
+    "head_mc_bf16": "head MC, bf16 autocast",
 }
 
 
@@ -482,7 +481,7 @@ def render_markdown(res: dict) -> str:
     if gpu_res:
         genv = gpu_res["environment"]
         lines.append(f"GPU: {genv.get('gpu')} (CUDA {genv.get('cuda')}, torch {genv['torch']}, MONAI {genv['monai']}), "
-                     f"run on {genv['date']}; bf16 autocast unless marked float32.")
+                     f"run on {genv['date']}; float32 and 4 windows per batch (the CUDA defaults) unless marked.")
     cfg = res["config"]
     lines += [
         "",
@@ -512,8 +511,7 @@ def render_markdown(res: dict) -> str:
     if not gpu:
         lines += ["", "GPU column: not measured; no GPU was available to this run. On a CUDA machine, "
                       "`python -m training.bench.uncertainty --device cuda --parts speed --json-out gpu.json`, then "
-                      "`--merge-gpu gpu.json` here adds it. Until then the GPU defaults (all passes in one batch, "
-                      "bf16 autocast) rest on the usual behaviour of GPUs, not on a measurement of this code."]
+                      "`--merge-gpu gpu.json` here adds it."]
     if cpu:
         lines += ["", f"Head MC / plain forward at T=8: **{res['speed']['head_mc_over_plain']:.2f}×** on the CPU "
                       f"(process CPU time: {cpu['head_mc']['x_plain_cpu_time']:.2f}×)"
