@@ -86,6 +86,19 @@ def test_dataset_folder_layout_and_fixed_splits(tiny_dataset):
     assert samples[0].labeled_mask.all() and not samples[1].labeled_mask.any() and not samples[1].label.any()
 
 
+def test_dataset_written_by_several_processes_is_the_same_folder(tmp_path):
+    from SSLSegmentLib.data.phantoms import write_phantom_dataset
+
+    one = write_phantom_dataset(tmp_path / "one", 3, 1, 1, SMALL, seed=5)
+    two = write_phantom_dataset(tmp_path / "two", 3, 1, 1, SMALL, seed=5, workers=2)
+    assert (one / "dataset.json").read_text() == (two / "dataset.json").read_text()
+    a, b = DataSet(one), DataSet(two)
+    for cid in a.case_ids:
+        (ia, la), (ib, lb) = a.load_pair(cid), b.load_pair(cid)
+        np.testing.assert_array_equal(ia.array, ib.array)
+        np.testing.assert_array_equal(la.array, lb.array)
+
+
 def test_volume_round_trip_keeps_geometry(tmp_path):
     geo = Geometry((0.7, 0.8, 2.5), (10.0, -5.0, 3.0), (0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
     vol = Volume(np.random.default_rng(0).random((5, 6, 7)).astype(np.float32), geo)

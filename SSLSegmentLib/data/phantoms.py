@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from .imageio import Geometry, Volume, write_volume
+from .imageio import Geometry, Volume, atomic_write_bytes, write_volume
 
 
 @dataclass
@@ -182,11 +182,14 @@ def write_phantom_dataset(
     seed: int = 0,
     suffix: str = ".nrrd",
     progress: bool = False,
+    workers: int = 1,
 ) -> Path:
     """Write a data-set folder: images at the root, `labels/final/`, and `dataset.json` with the fixed splits.
 
     Case ids are `phantom_NNN`; the split is fixed by the order (train, then val, then test).
     Every train case has a label on disk; how many count as labeled is the trainer's choice (the first N).
+    workers > 1 writes the cases from that many processes (worth it at LA scale); each case depends on its seed
+    alone, so the folder is the same either way. `dataset.json` is written last, so its presence means complete.
     """
     cfg = config or PhantomConfig()
     out = Path(out)
@@ -195,15 +198,19 @@ def write_phantom_dataset(
     if n_train < 1 or n_val < 0 or n_test < 0:
         raise ValueError("need at least one training case and non-negative val/test counts")
     ids = [f"phantom_{i:03d}" for i in range(total)]
-    iterator = range(total)
-    if progress:
-        from tqdm import tqdm
+    jobs = [(str(out), ids[i], seed * 100_003 + i, cfg, suffix) for i in range(total)]
+    if workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
 
-        iterator = tqdm(iterator, desc="phantoms", unit="case")
-    for i in iterator:
-        image, label = make_phantom(seed * 100_003 + i, cfg)
-        write_volume(image, out / f"{ids[i]}{suffix}")
-        write_volume(label, out / "labels" / "final" / f"{ids[i]}{suffix}")
+        with ProcessPoolExecutor(workers) as pool:
+            list(pool.map(_write_phantom_case, jobs))
+    else:
+        if progress:
+            from tqdm import tqdm
+
+            jobs = tqdm(jobs, desc="phantoms", unit="case")
+        for job in jobs:
+            _write_phantom_case(job)
     meta = {
         "name": "phantom-la",
         "description": "Synthetic left-atrium-like MRI phantoms (target: blood pool with veins; neighbours unlabeled)",
@@ -211,5 +218,12 @@ def write_phantom_dataset(
         "labels": {"0": "background", "1": "target"},
         "splits": {"train": ids[:n_train], "val": ids[n_train : n_train + n_val], "test": ids[n_train + n_val :]},
     }
-    (out / "dataset.json").write_text(json.dumps(meta, indent=2))
+    atomic_write_bytes(out / "dataset.json", json.dumps(meta, indent=2).encode())
     return out
+
+
+def _write_phantom_case(job: tuple) -> None:
+    out, case_id, case_seed, cfg, suffix = job
+    image, label = make_phantom(case_seed, cfg)
+    write_volume(image, Path(out) / f"{case_id}{suffix}")
+    write_volume(label, Path(out) / "labels" / "final" / f"{case_id}{suffix}")

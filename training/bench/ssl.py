@@ -64,23 +64,9 @@ class Profile:
 # -- data ------------------------------------------------------------------------------------------------------
 
 
-def _phantom_case(args) -> None:
-    from SSLSegmentLib.data.imageio import write_volume
-    from SSLSegmentLib.data.phantoms import PhantomConfig, make_phantom
-
-    out, cid, seed, cfg = args
-    image, label = make_phantom(seed, PhantomConfig(**cfg))
-    write_volume(image, Path(out) / f"{cid}.nrrd")
-    write_volume(label, Path(out) / "labels" / "final" / f"{cid}.nrrd")
-
-
 def _phantom_data(work: Path, n_train=40, n_val=8, n_test=12, shape=(40, 64, 64), seed=0, difficulty=1.0,
                   spacing=None, workers: int = 1, variability: float = 0.0) -> Path:
-    """The phantom data set of `write_phantom_dataset` (same ids, seeds and dataset.json), written by `workers`
-    processes when the volumes are large."""
-    from dataclasses import asdict
-
-    from SSLSegmentLib.data.imageio import atomic_write_bytes
+    """The phantom data set of `write_phantom_dataset` in WORK, named after its settings and written once."""
     from SSLSegmentLib.data.phantoms import PhantomConfig, write_phantom_dataset
 
     cfg = PhantomConfig(shape=tuple(shape), difficulty=difficulty, variability=variability, **({"spacing": tuple(spacing)} if spacing else {}))
@@ -88,23 +74,7 @@ def _phantom_data(work: Path, n_train=40, n_val=8, n_test=12, shape=(40, 64, 64)
     out = work / (tag + (f"-sp{'x'.join(map(str, spacing))}" if spacing else ""))
     if (out / "dataset.json").is_file():
         return out
-    if workers <= 1:
-        return write_phantom_dataset(out, n_train, n_val, n_test, cfg, seed=seed, progress=True)
-    total = n_train + n_val + n_test
-    ids = [f"phantom_{i:03d}" for i in range(total)]
-    (out / "labels" / "final").mkdir(parents=True, exist_ok=True)
-    plain = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
-    with ProcessPoolExecutor(workers) as pool:
-        list(pool.map(_phantom_case, [(str(out), ids[i], seed * 100_003 + i, plain) for i in range(total)]))
-    meta = {
-        "name": "phantom-la",
-        "description": "Synthetic left-atrium-like MRI phantoms (target: blood pool with veins; neighbours unlabeled)",
-        "generator": {"seed": seed, **plain},
-        "labels": {"0": "background", "1": "target"},
-        "splits": {"train": ids[:n_train], "val": ids[n_train : n_train + n_val], "test": ids[n_train + n_val :]},
-    }
-    atomic_write_bytes(out / "dataset.json", json.dumps(meta, indent=2).encode())
-    return out
+    return write_phantom_dataset(out, n_train, n_val, n_test, cfg, seed=seed, progress=workers <= 1, workers=workers)
 
 
 # The quick profile's phantoms: case-to-case variability is what makes 4 labeled cases fall short of 40
