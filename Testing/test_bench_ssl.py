@@ -49,10 +49,11 @@ def test_no_gap_closed_when_full_supervision_is_not_above_supervised():
     result = {"profile": "la-quick", "description": "d", "seeds": [0], "config": PROFILES["la-quick"].config | {
               "network": {"arch": "unet", "channels": [16]}}, "environment": {"device": "cpu", "machine": "x86_64",
               "processor": "x86_64", "cpu_threads": 1, "python": "3", "torch": "2", "monai": "1", "date": "today"},
-              "summary": summarize_runs(runs, ["supervised", "full", "ua-mt"], [8])}
+              "summary": summarize_runs(runs, ["supervised", "full", "ua-mt"], [8]), "method_options": {"brl": {"beta": 0.3}}}
     assert math.isnan(result["summary"]["8"]["ua-mt"]["gap_closed_test"])
     table = markdown_table(result)
     assert "No gap to close" in table and "73.00 vs 75.00" in table
+    assert "Method options other than the defaults: brl: beta = 0.3." in table
     assert "%" not in table.split("| ua-mt |")[1].split("|")[4]  # the gap column stays empty
 
 
@@ -114,3 +115,22 @@ def test_resume_keeps_finished_runs_of_the_same_config_only(tmp_path):
     path.write_text(json.dumps({**meta, "config": {"iterations": 400}, "runs": []}))
     with pytest.raises(ValueError, match="another profile"):
         _resume(path, meta, tasks)
+    # Runs made with other method options are not mixed in either (a file without the key had the defaults).
+    path.write_text(json.dumps({**meta, "runs": [_run("full", "all", 0, 0.9)]}))
+    with pytest.raises(ValueError, match="method options"):
+        _resume(path, {**meta, "method_options": {"brl": {"beta": 0.3}}}, tasks)
+
+
+def test_method_options_come_from_the_profile_and_the_command_line(tmp_path):
+    from training.bench.ssl import method_options
+
+    p = PROFILES["la-quick"]
+    assert method_options(p, argparse.Namespace()) == {"brl": {"beta": 0.3}}
+    args = argparse.Namespace(method_option=["brl:beta=0.5", "sgrs:consistency_weight=0.3"])
+    assert method_options(p, args) == {"brl": {"beta": 0.5}, "sgrs": {"consistency_weight": 0.3}}
+    assert PROFILES["la-quick"].method_options == {"brl": {"beta": 0.3}}  # the profile itself is untouched
+    tasks = plan_tasks(p, tmp_path, tmp_path, ["full", "supervised", "brl", "sgrs"], [0], [4], p.config, args)
+    by = {t["method"]: t["method_options"] for t in tasks}
+    assert by == {"full": {}, "supervised": {}, "brl": {"beta": 0.5}, "sgrs": {"consistency_weight": 0.3}}
+    with pytest.raises(ValueError, match="METHOD:KEY=VALUE"):
+        method_options(p, argparse.Namespace(method_option=["beta=0.5"]))
