@@ -125,12 +125,12 @@ def test_method_options_come_from_the_profile_and_the_command_line(tmp_path):
     from training.bench.ssl import method_options
 
     p = PROFILES["la-quick"]
-    assert method_options(p, argparse.Namespace()) == {"brl": {"beta": 0.3}}
+    assert method_options(p, argparse.Namespace()) == {"brl": {"beta": 0.3, "consistency_weight": 0.1}}
     args = argparse.Namespace(method_option=["brl:beta=0.5", "sgrs:consistency_weight=0.3"])
-    assert method_options(p, args) == {"brl": {"beta": 0.5}, "sgrs": {"consistency_weight": 0.3}}
-    assert PROFILES["la-quick"].method_options == {"brl": {"beta": 0.3}}  # the profile itself is untouched
+    assert method_options(p, args) == {"brl": {"beta": 0.5, "consistency_weight": 0.1}, "sgrs": {"consistency_weight": 0.3}}
+    assert PROFILES["la-quick"].method_options["brl"]["beta"] == 0.3  # the profile itself is untouched
     tasks = plan_tasks(p, tmp_path, tmp_path, ["full", "supervised", "brl", "sgrs"], [0], [4], p.config, args)
     by = {t["method"]: t["method_options"] for t in tasks}
-    assert by == {"full": {}, "supervised": {}, "brl": {"beta": 0.5}, "sgrs": {"consistency_weight": 0.3}}
+    assert by == {"full": {}, "supervised": {}, "brl": {"beta": 0.5, "consistency_weight": 0.1}, "sgrs": {"consistency_weight": 0.3}}
     with pytest.raises(ValueError, match="METHOD:KEY=VALUE"):
         method_options(p, argparse.Namespace(method_option=["beta=0.5"]))
