@@ -131,7 +131,7 @@ PROFILES: dict[str, Profile] = {
         config=dict(
             network=NetworkConfig().to_dict(),
             # 48×48×32 rather than 64×64×40: measured on 2 cores, 64×64×40 leaves ~200 iterations per run inside
-            # the 90-minute budget of quick + la-quick; the smaller patch leaves ~700 (Σ 8.9 CPU s per iteration over
+            # the 90-minute budget of quick + la-quick; the smaller patch leaves ~700 (Σ 9.9 CPU s per iteration over
             # the 15 runs, cost-la-quick-cpu.md). lr 0.03 rather than 0.1: validation Dice 85.5 vs 67.7 (supervised,
             # 8 labeled, 700 iterations, seed 0).
             patch_size=(32, 48, 48),
