@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(BIN)/sslsegment demo --out runs/demo
 
 bench: $(STAMP)
-	$(BIN)/python -m training.bench.ssl --profile $${PROFILE:-quick}
+	$(BIN)/python -m benchmarks.ssl_methods --profile $${PROFILE:-quick}
 
 clean:
 	rm -rf runs benchmarks/work
@@ -33,16 +33,16 @@ clean:
 # Backend: correction → promoted model latency and REST requests/s on loopback (benchmarks/results/backend.{json,md}).
 .PHONY: bench-backend
 bench-backend: $(STAMP)
-	$(BIN)/python -m training.bench.backend --profile $${PROFILE:-quick}
+	$(BIN)/python -m benchmarks.backend --profile $${PROFILE:-quick}
 
 # Uncertainty estimators: time, memory and error detection on the CPU (benchmarks/results/uncertainty.{json,md}).
-# A GPU column comes from `python -m training.bench.uncertainty --device cuda --parts speed --json-out X` on a GPU
+# A GPU column comes from `python -m benchmarks.uncertainty --device cuda --parts speed --json-out X` on a GPU
 # machine, merged with `--merge-gpu X`.
 bench-uncertainty: $(STAMP)
-	$(BIN)/python -m training.bench.uncertainty
+	$(BIN)/python -m benchmarks.uncertainty
 
 # Refinement loop: simulated clinician, guided vs random vs oracle corrections, fold-in comparison
 # (benchmarks/results/loop.{json,md} on phantoms with 3 seeds, loop-la.{json,md} on LA2018 at half resolution;
 # PROFILES="quick" skips LA2018, whose h5 layout is read from ../shared/data/LA2018 or $$SSLSEGMENT_LA2018).
 bench-loop: $(STAMP)
-	for p in $${PROFILES:-quick la}; do nice $(BIN)/python -m training.bench.loop --profile $$p || exit 1; done
+	for p in $${PROFILES:-quick la}; do nice $(BIN)/python -m benchmarks.loop --profile $$p || exit 1; done

@@ -3,9 +3,9 @@
 Module layout (Slicer's scripted-module convention):
 - `SSLSegment`: metadata and help.
 - `SSLSegmentWidget`: the panel. Thin: loads Resources/UI/SSLSegment.ui, binds the parameter node, and wires buttons
-  to the review session (SSLSegmentLib.review_session, pure Python) and to the Logic. Network calls run on a worker
+  to the review session (SSLSegmentLib.review.session, pure Python) and to the Logic. Network calls run on a worker
   thread polled by a QTimer, so the application never freezes and every wait can be cancelled.
-- `SSLSegmentLogic`: all MRML work (SSLSegmentLib.slicer_adapter.ReviewSceneLogic, tested outside Slicer on
+- `SSLSegmentLogic`: all MRML work (SSLSegmentLib.review.scene.ReviewSceneLogic, tested outside Slicer on
   slicer-core), dependency installation and the local backend.
 - `SSLSegmentTest`: self-test on phantom data and the bundled phantom model.
 
@@ -50,7 +50,7 @@ def _libraryDirectory():
 LIBRARY_DIR = _libraryDirectory()
 
 # numpy and SimpleITK ship with Slicer; this import pulls nothing else.
-from SSLSegmentLib.slicer_adapter import ReviewSceneLogic  # noqa: E402
+from SSLSegmentLib.review.scene import ReviewSceneLogic  # noqa: E402
 
 NEXT_REGION_SHORTCUT = "Ctrl+Shift+N"
 PREVIOUS_REGION_SHORTCUT = "Ctrl+Shift+P"
@@ -314,7 +314,7 @@ class SSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         slicer.util.showStatusMessage(text, 5000)
 
     def _showError(self, what: str, exc: Exception) -> None:
-        from SSLSegmentLib.client import AuthError, BackendUnavailable, ConflictError
+        from SSLSegmentLib.review.client import AuthError, BackendUnavailable, ConflictError
 
         if isinstance(exc, AuthError):
             hint = _("The backend refused the token. Paste the token printed by `sslsegment serve`.")
@@ -333,7 +333,7 @@ class SSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _runInBackground(self, description: str, function, onDone, *args, **kwargs) -> bool:
         """Run `function` on a worker thread; call `onDone(result)` on the main thread when it finishes."""
-        from SSLSegmentLib.review_session import BackgroundTask
+        from SSLSegmentLib.review.tasks import BackgroundTask
 
         if self._task is not None:
             self._setStatus(_("Busy: {what}. Wait, or press Cancel.").format(what=self._task.description))
@@ -387,7 +387,7 @@ class SSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onConnect(self) -> None:
         p = self._parameterNode
-        from SSLSegmentLib.review_session import validate_author
+        from SSLSegmentLib.data.contract import validate_author
 
         try:
             validate_author(p.annotator)
@@ -411,8 +411,8 @@ class SSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._connectTo(backend.base_url, backend.token())
 
     def _connectTo(self, url: str, token) -> None:
-        from SSLSegmentLib.client import SSLSegmentClient
-        from SSLSegmentLib.review_session import ReviewSession
+        from SSLSegmentLib.review.client import SSLSegmentClient
+        from SSLSegmentLib.review.session import ReviewSession
 
         try:
             client = SSLSegmentClient(url, token=token)
@@ -630,7 +630,7 @@ class SSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._runInBackground(_("Stopping the training job"), self.session.cancel_training, self._showJob)
 
     def _pollTraining(self) -> None:
-        from SSLSegmentLib.review_session import BackgroundTask
+        from SSLSegmentLib.review.tasks import BackgroundTask
 
         if self.session is None:
             self._trainingTimer.stop()
@@ -653,7 +653,7 @@ class SSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.onRefreshModels()
 
     def _showJob(self, job) -> None:
-        from SSLSegmentLib.review_session import describe_job, job_fraction
+        from SSLSegmentLib.review.session import describe_job, job_fraction
 
         self.ui.trainingStatusLabel.text = describe_job(job)
         self.ui.trainingProgressBar.setRange(0, 100)
@@ -754,7 +754,7 @@ class SSLSegmentLogic(ScriptedLoadableModuleLogic, ReviewSceneLogic):
         """
         import importlib.util
 
-        from SSLSegmentLib.review_session import LOCAL_BACKEND_REQUIREMENTS, missing_requirements
+        from SSLSegmentLib.review.requirements import LOCAL_BACKEND_REQUIREMENTS, missing_requirements
 
         missing = missing_requirements(LOCAL_BACKEND_REQUIREMENTS) if local else []
         needTorch = local and importlib.util.find_spec("torch") is None
@@ -796,7 +796,7 @@ class SSLSegmentLogic(ScriptedLoadableModuleLogic, ReviewSceneLogic):
         """`sslsegment serve` + `worker` on 127.0.0.1 with Slicer's own Python and environment."""
         import shutil
 
-        from SSLSegmentLib.review_session import LocalBackend
+        from SSLSegmentLib.review.local_backend import LocalBackend
 
         datastore = pathlib.Path(datastore).expanduser()
         if not str(datastore).strip() or datastore == pathlib.Path():
@@ -835,7 +835,7 @@ class SSLSegmentTest(ScriptedLoadableModuleTest):
 
         from SSLSegmentLib.data.imageio import write_volume
         from SSLSegmentLib.data.phantoms import PhantomConfig, make_phantom
-        from SSLSegmentLib.regions import find_review_regions
+        from SSLSegmentLib.data.regions import find_review_regions
 
         image, label = make_phantom(11, PhantomConfig(shape=(24, 32, 32)))
         # A prediction that misses the target's last slices, and uncertainty high on its boundary band.
@@ -857,14 +857,14 @@ class SSLSegmentTest(ScriptedLoadableModuleTest):
 
         import numpy as np
 
-        from SSLSegmentLib.review_session import reviewed_mask
+        from SSLSegmentLib.review.session import reviewed_mask
 
         self.delayDisplay("Review logic on a phantom")
         folder = pathlib.Path(tempfile.mkdtemp(prefix="SSLSegmentTest-"))
         image, label, predicted, paths, regions, rankMap = self._phantomCase(folder)
         self.assertGreater(len(regions), 0)
 
-        class Result:  # the parts of review_session.InferenceResult that showInference reads
+        class Result:  # the parts of review.session.InferenceResult that showInference reads
             pass
 
         result = Result()
@@ -901,11 +901,8 @@ class SSLSegmentTest(ScriptedLoadableModuleTest):
 
         import numpy as np
 
-        from SSLSegmentLib.review_session import (
-            LOCAL_BACKEND_REQUIREMENTS,
-            ReviewSession,
-            missing_requirements,
-        )
+        from SSLSegmentLib.review.requirements import LOCAL_BACKEND_REQUIREMENTS, missing_requirements
+        from SSLSegmentLib.review.session import ReviewSession
 
         missing = missing_requirements(LOCAL_BACKEND_REQUIREMENTS + ("torch>=2.2",))
         if missing:

@@ -25,7 +25,7 @@ def tiny_dataset(tmp_path_factory):
 
 @pytest.fixture
 def tiny_net_config():
-    from SSLSegmentLib.networks import NetworkConfig
+    from SSLSegmentLib.ml.networks import NetworkConfig
 
     return NetworkConfig(**TINY_NET)
 
@@ -44,7 +44,7 @@ def train_tiny(root, out_dir, method: str, n_labeled: int = 4, **overrides):
 
     Returns (trainer, validation Dice before training, `Trainer.fit()` result)."""
     from SSLSegmentLib.data.dataset import DataSet
-    from SSLSegmentLib.trainer import TrainConfig, Trainer
+    from SSLSegmentLib.ml.trainer import TrainConfig, Trainer
 
     ds = DataSet(root)
     train = ds.training_samples(ds.splits["train"], ds.splits["train"][:n_labeled])

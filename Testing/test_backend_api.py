@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 from conftest import TINY_NET, TINY_PATCH
-from SSLSegmentLib.client import AuthError, BackendError, NotFoundError, SSLSegmentClient, ValidationError
-from SSLSegmentLib.data.imageio import Geometry, Volume, read_label, read_volume, write_volume
-from SSLSegmentLib.regions import find_review_regions
+from SSLSegmentLib.review.client import AuthError, BackendError, NotFoundError, SSLSegmentClient, ValidationError
+from SSLSegmentLib.data.volume import Geometry, Volume
+from SSLSegmentLib.data.imageio import read_label, read_volume, write_volume
+from SSLSegmentLib.data.regions import find_review_regions
 from training.datastore import Datastore, import_folder
 from training.server import start_backend
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from SSLSegmentLib.client import (
+from SSLSegmentLib.review.client import (
     AuthError,
     BackendUnavailable,
     ConflictError,
@@ -54,7 +54,7 @@ def client(served):
 
 
 def test_client_uses_only_the_standard_library():
-    tree = ast.parse(Path(__import__("SSLSegmentLib.client", fromlist=["x"]).__file__).read_text())
+    tree = ast.parse(Path(__import__("SSLSegmentLib.review.client", fromlist=["x"]).__file__).read_text())
     imported = {n.names[0].name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)}
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0}
     import sys
@@ -153,8 +153,8 @@ def test_jobs_queue_and_cancel_without_a_worker(client):
 
 
 def test_models_weights_and_promotion(served, client, tmp_path, tiny_net_config):
-    from SSLSegmentLib.networks import build_network
-    from SSLSegmentLib.trainer import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
+    from SSLSegmentLib.ml.networks import build_network
+    from SSLSegmentLib.ml.trainer import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 
     store, _ = served
     net = build_network(tiny_net_config)
@@ -189,7 +189,7 @@ def test_disk_full_on_write_is_a_5xx_and_indexes_nothing(served, client, tmp_pat
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", no_space)  # the storage fails, not the product
-    from SSLSegmentLib.client import BackendError
+    from SSLSegmentLib.review.client import BackendError
 
     with pytest.raises(BackendError) as err:
         client.submit_label("phantom_003", label, kind="final")

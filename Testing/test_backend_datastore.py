@@ -9,7 +9,8 @@ import threading
 import numpy as np
 import pytest
 
-from SSLSegmentLib.data.imageio import Geometry, Volume, read_volume, write_volume
+from SSLSegmentLib.data.volume import Geometry, Volume
+from SSLSegmentLib.data.imageio import read_volume, write_volume
 from training.datastore import (
     Conflict,
     Datastore,
@@ -261,8 +262,8 @@ def test_retrain_trigger_counts_new_corrections(store):
 def test_model_versions_promote_rollback_and_compare_and_set(store, tmp_path, tiny_net_config):
     import torch
 
-    from SSLSegmentLib.networks import build_network
-    from SSLSegmentLib.trainer import CHECKPOINT_FORMAT, save_checkpoint
+    from SSLSegmentLib.ml.networks import build_network
+    from SSLSegmentLib.ml.trainer import CHECKPOINT_FORMAT, save_checkpoint
 
     net = build_network(tiny_net_config)
     ckpt = {"format": CHECKPOINT_FORMAT, "model": net.state_dict(), "network": tiny_net_config.to_dict(),

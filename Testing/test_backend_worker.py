@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY_NET, TINY_PATCH
-from SSLSegmentLib.data.imageio import Volume
+from SSLSegmentLib.data.volume import Volume
 from training.datastore import Datastore, import_folder
 from training.worker import Worker, promotion_decision
 

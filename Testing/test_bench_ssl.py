@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from training.bench.ssl import DEFAULT_METHODS, PROFILES, markdown_table, plan_tasks, scaled_config, summarize_runs
+from benchmarks.ssl_methods import DEFAULT_METHODS, PROFILES, markdown_table, plan_tasks, scaled_config, summarize_runs
 
 
 def test_all_eight_methods_by_default_and_full_runs_once_per_seed(tmp_path):
@@ -69,7 +69,7 @@ def test_table_names_the_device_and_flags_a_reduced_run():
 
 
 def test_fit_iterations_packs_runs_into_the_time_budget():
-    from training.bench.ssl import fit_iterations
+    from benchmarks.ssl_methods import fit_iterations
 
     cost = {"rows": [{"method": "supervised", "wall_s_per_it": 0.1}, {"method": "full", "wall_s_per_it": 0.1},
                      {"method": "sgrs", "wall_s_per_it": 0.3}]}
@@ -84,7 +84,7 @@ def test_fit_iterations_packs_runs_into_the_time_budget():
 
 
 def test_cost_estimate_and_fit_agree():
-    from training.bench.ssl import estimated_seconds, fit_iterations
+    from benchmarks.ssl_methods import estimated_seconds, fit_iterations
 
     cost = {"estimate_from": "cpu_s_per_it", "labeled": [4, 8], "jobs": 2, "config": {"iterations": 1000},
             "rows": [{"method": "full", "cpu_s_per_it": 0.2, "wall_s_per_it": 1.0},
@@ -97,7 +97,7 @@ def test_cost_estimate_and_fit_agree():
 def test_resume_keeps_finished_runs_of_the_same_config_only(tmp_path):
     import json
 
-    from training.bench.ssl import _resume
+    from benchmarks.ssl_methods import _resume
 
     p = PROFILES["quick"]
     tasks = plan_tasks(p, tmp_path, tmp_path, ["supervised", "full", "lcc"], [0], [4], p.config, argparse.Namespace())
@@ -122,7 +122,7 @@ def test_resume_keeps_finished_runs_of_the_same_config_only(tmp_path):
 
 
 def test_method_options_come_from_the_profile_and_the_command_line(tmp_path):
-    from training.bench.ssl import method_options
+    from benchmarks.ssl_methods import method_options
 
     p = PROFILES["la-quick"]
     assert method_options(p, argparse.Namespace()) == {"brl": {"beta": 0.3, "consistency_weight": 0.1}}

@@ -6,7 +6,8 @@ import subprocess
 import sys
 
 from conftest import TINY_NET
-from SSLSegmentLib.data.imageio import Geometry, Volume, read_volume, write_volume
+from SSLSegmentLib.data.volume import Geometry, Volume
+from SSLSegmentLib.data.imageio import read_volume, write_volume
 from training.cli import main
 
 

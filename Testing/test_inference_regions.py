@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from SSLSegmentLib.data.imageio import Geometry, Volume
-from SSLSegmentLib.inference import predict_volume
-from SSLSegmentLib.networks import build_network
-from SSLSegmentLib.regions import find_review_regions, index_to_lps, visited_mask
+from SSLSegmentLib.data.volume import Geometry, Volume
+from SSLSegmentLib.ml.inference import predict_volume
+from SSLSegmentLib.ml.networks import build_network
+from SSLSegmentLib.data.regions import find_review_regions, visited_mask
 
 
 def test_predicts_any_size_volume_in_its_own_grid(tiny_net_config):
@@ -47,7 +47,7 @@ def test_regions_are_ranked_by_summed_uncertainty():
 
 def test_index_to_lps_uses_direction():
     geo = Geometry((1.0, 2.0, 3.0), (5.0, 5.0, 5.0), (0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
-    assert index_to_lps((1, 1, 1), geo) == pytest.approx((5.0 - 2.0, 5.0 + 1.0, 8.0))
+    assert geo.index_to_lps((1, 1, 1)) == pytest.approx((5.0 - 2.0, 5.0 + 1.0, 8.0))
 
 
 def test_no_uncertainty_no_regions():

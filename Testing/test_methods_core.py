@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from SSLSegmentLib.methods import available_methods, get_method
-from SSLSegmentLib.methods.brl import BidirectionalRegionLoss
-from SSLSegmentLib.methods.losses import (
+from SSLSegmentLib.ml.methods import available_methods, get_method
+from SSLSegmentLib.ml.methods.brl import BidirectionalRegionLoss
+from SSLSegmentLib.ml.methods.losses import (
     masked_cross_entropy,
     masked_dice_loss,
     masked_mse,
@@ -15,7 +15,7 @@ from SSLSegmentLib.methods.losses import (
     sigmoid_rampup,
     supervised_loss,
 )
-from SSLSegmentLib.methods.ua_mt import UAMT
+from SSLSegmentLib.ml.methods.ua_mt import UAMT
 
 
 def _probs_to_logits(p_fg: torch.Tensor) -> torch.Tensor:

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import TINY_NET, assert_learned, train_tiny
-from SSLSegmentLib.methods import get_method
-from SSLSegmentLib.methods.lcc import LowConfidenceConsistency
-from SSLSegmentLib.trainer import load_checkpoint
+from SSLSegmentLib.ml.methods import get_method
+from SSLSegmentLib.ml.methods.lcc import LowConfidenceConsistency
+from SSLSegmentLib.ml.trainer import load_checkpoint
 
 
 def _v(values, dtype=torch.float32) -> torch.Tensor:
@@ -67,8 +67,8 @@ def test_prototypes_travel_in_the_state_dict():
 
 
 def test_compute_loss_uses_features_and_low_confidence_voxels(tiny_net_config):
-    from SSLSegmentLib.methods.base import StepContext
-    from SSLSegmentLib.networks import build_network
+    from SSLSegmentLib.ml.methods.base import StepContext
+    from SSLSegmentLib.ml.networks import build_network
 
     torch.manual_seed(0)
     student, teacher = build_network(tiny_net_config), build_network(tiny_net_config)

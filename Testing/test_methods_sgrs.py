@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from conftest import assert_learned, train_tiny
-from SSLSegmentLib.methods.base import StepContext
-from SSLSegmentLib.methods.sgrs import SGRS, soft_dice_loss
+from SSLSegmentLib.ml.methods.base import StepContext
+from SSLSegmentLib.ml.methods.sgrs import SGRS, soft_dice_loss
 
 
 def _two(p_fg) -> torch.Tensor:

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import assert_learned, train_tiny
-from SSLSegmentLib.methods import get_method
-from SSLSegmentLib.methods.ug_mcl import UGMCL, signed_distance_map
-from SSLSegmentLib.trainer import load_checkpoint
+from SSLSegmentLib.ml.methods import get_method
+from SSLSegmentLib.ml.methods.ug_mcl import UGMCL, signed_distance_map
+from SSLSegmentLib.ml.trainer import load_checkpoint
 
 
 def _fg(p: torch.Tensor) -> torch.Tensor:
@@ -106,8 +106,8 @@ def test_options_validated_and_network_without_levelset_head_refused(tiny_net_co
     with pytest.raises(ValueError, match="sdf_weight"):
         UGMCL(sdf_weight=-1)
     assert get_method("ug-mcl").network_options == {"levelset_head": True}
-    from SSLSegmentLib.methods.base import StepContext
-    from SSLSegmentLib.networks import build_network
+    from SSLSegmentLib.ml.methods.base import StepContext
+    from SSLSegmentLib.ml.networks import build_network
 
     net = build_network(tiny_net_config)
     batch = {"image": torch.zeros(1, 1, 16, 32, 32), "label": torch.zeros(1, 1, 16, 32, 32, dtype=torch.long),

@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from SSLSegmentLib.metrics import binary_metrics, summarize
+from SSLSegmentLib.ml.metrics import binary_metrics, summarize
 
 
 def _surface_points(mask, spacing):

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from SSLSegmentLib.data.dataset import DataSet, validate_case_id
-from SSLSegmentLib.data.imageio import Geometry, ImageError, Volume, read_label, read_volume, write_volume
+from SSLSegmentLib.data.contract import validate_case_id
+from SSLSegmentLib.data.dataset import DataSet
+from SSLSegmentLib.data.volume import Geometry, ImageError, Volume
+from SSLSegmentLib.data.imageio import read_label, read_volume, write_volume
 from SSLSegmentLib.data.phantoms import PhantomConfig, make_phantom
 
 SMALL = PhantomConfig(shape=(24, 32, 32))

@@ -13,16 +13,16 @@ import pytest
 
 from SSLSegmentLib.data.dataset import DataSet
 from SSLSegmentLib.data.imageio import read_label
-from SSLSegmentLib.regions import visited_mask
-from SSLSegmentLib.simulated_clinician import DataSetTruth, SimulatedClinician, plan_review
-from SSLSegmentLib.trainer import model_from_checkpoint
+from SSLSegmentLib.data.regions import visited_mask
+from benchmarks.simulated_clinician import DataSetTruth, SimulatedClinician, plan_review
+from SSLSegmentLib.ml.trainer import model_from_checkpoint
 from conftest import TINY_NET, TINY_PATCH
 
 pytestmark = pytest.mark.slow
 
 
 def _config(**over):
-    from training.refinement import LoopConfig
+    from benchmarks.refinement import LoopConfig
 
     cfg = dict(
         arms=["uncertainty", "none"], rounds=1, cases_per_round=1, budget_fraction=0.05, n_labeled=2,
@@ -38,7 +38,7 @@ def _config(**over):
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, tiny_dataset):
     """A datastore of the tiny phantoms (2 train cases + val labeled) whose teacher v0001 the real worker trained."""
-    from training.refinement import Console, prepare_base
+    from benchmarks.refinement import Console, prepare_base
 
     root = tmp_path_factory.mktemp("loop")
     teacher = prepare_base(tiny_dataset, root / "base", _config(), Console(quiet=True))
@@ -54,7 +54,7 @@ def _backend(base_dir, dest):
 
 
 def _accuracy_on(model, image, truth, mask) -> float:
-    from SSLSegmentLib.inference import predict_volume
+    from SSLSegmentLib.ml.inference import predict_volume
 
     pred = predict_volume(model, image, TINY_PATCH, passes=1, device="cpu").label
     m = mask > 0
@@ -62,7 +62,7 @@ def _accuracy_on(model, image, truth, mask) -> float:
 
 
 def _test_dice(model, ds) -> float:
-    from SSLSegmentLib.inference import predict_volume
+    from SSLSegmentLib.ml.inference import predict_volume
 
     out = []
     for cid in ds.splits["test"]:
@@ -73,7 +73,7 @@ def _test_dice(model, ds) -> float:
 
 
 def test_guided_correction_goes_through_the_backend_and_is_folded_into_retraining(base, tiny_dataset, tmp_path):
-    from training.refinement import wait_for_job
+    from benchmarks.refinement import wait_for_job
 
     base_dir, _ = base
     ds = DataSet(tiny_dataset)
@@ -151,7 +151,7 @@ def test_guided_correction_goes_through_the_backend_and_is_folded_into_retrainin
 
 
 def test_guided_random_ratio_only_between_two_gains():
-    from training.refinement import gain_ratio
+    from benchmarks.refinement import gain_ratio
 
     assert gain_ratio(0.4, 0.1) == pytest.approx(4.0)
     # Guided gained and random lost: "random gained nothing", not a negative ratio; likewise the other way round.
@@ -160,8 +160,8 @@ def test_guided_random_ratio_only_between_two_gains():
 
 
 def test_loop_round_and_report(base, tiny_dataset, tmp_path):
-    from training.refinement import Console, run_loop, save_detail, load_detail, summarize
-    from training.report import write_report
+    from benchmarks.refinement import Console, run_loop, save_detail, load_detail, summarize
+    from benchmarks.report import write_report
 
     cfg = _config(arms=["uncertainty", "none"], rounds=1, cases_per_round=1)
     result = run_loop(tiny_dataset, tmp_path / "work", cfg, Console(quiet=True), base=base)

@@ -1,6 +1,6 @@
 """The review session the Slicer widget drives, against a real backend (`sslsegment serve` + `worker`) on 127.0.0.1.
 
-The backend is started by the module's own launcher (review_session.LocalBackend, what the panel's "Start on this
+The backend is started by the module's own launcher (review/local_backend.LocalBackend, what the panel's "Start on this
 computer" uses) on a real SQLite datastore of phantoms; the session trains the first model through the REST API,
 then reviews cases end to end: fetch, infer, visit regions, correct, submit; the stored revision is read back.
 """
@@ -16,19 +16,20 @@ import numpy as np
 import pytest
 
 from conftest import TINY_NET, TINY_PATCH
-from SSLSegmentLib.client import AuthError, BackendUnavailable, SSLSegmentClient
-from SSLSegmentLib.data.imageio import ImageError, read_label, read_volume
-from SSLSegmentLib.review_session import (
-    BackgroundTask,
-    LocalBackend,
+from SSLSegmentLib.review.client import AuthError, BackendUnavailable, SSLSegmentClient
+from SSLSegmentLib.data.volume import ImageError
+from SSLSegmentLib.data.imageio import read_label, read_volume
+from SSLSegmentLib.review.local_backend import LocalBackend
+from SSLSegmentLib.review.requirements import missing_requirements
+from SSLSegmentLib.review.session import (
     ReviewSession,
     SessionError,
     SessionState,
     describe_job,
     job_fraction,
-    missing_requirements,
     reviewed_mask,
 )
+from SSLSegmentLib.review.tasks import BackgroundTask
 
 TRAIN = {"network": TINY_NET, "patch_size": list(TINY_PATCH), "iterations": 20, "val_interval": 10,
          "batch_labeled": 2, "batch_unlabeled": 2, "device": "cpu"}

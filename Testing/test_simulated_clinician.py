@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from SSLSegmentLib.regions import find_review_regions, visited_mask
-from SSLSegmentLib.simulated_clinician import (
+from SSLSegmentLib.data.regions import find_review_regions, visited_mask
+from benchmarks.simulated_clinician import (
     STRATEGIES,
     correct_segmentation,
     plan_boundary,

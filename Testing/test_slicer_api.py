@@ -1,6 +1,6 @@
 """Every Slicer name the module and its MRML logic use exists: checked against slicer-core, or listed below.
 
-The module file (SSLSegment/SSLSegment.py) and the MRML adapter (SSLSegmentLib/slicer_adapter.py) are parsed, not
+The module file (SSLSegment/SSLSegment.py) and the MRML adapter (SSLSegmentLib/review/scene.py) are parsed, not
 imported. Each `slicer.util.<fn>` must exist in slicer-core's slicer.util and accept the arguments it is given;
 each `slicer.vtkMRML*` / `vtkSlicer*` / `vtkSegmentation*` class (and the attribute used on it) must exist in
 slicer-core; each MRML class named in a string (AddNewNodeByClass("vtkMRML...")) too. Names that only the
@@ -20,7 +20,7 @@ slicer = pytest.importorskip("slicer")
 slicer_util = pytest.importorskip("slicer.util")
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = [ROOT / "SSLSegment" / "SSLSegment.py", ROOT / "SSLSegmentLib" / "slicer_adapter.py"]
+SOURCES = [ROOT / "SSLSegment" / "SSLSegment.py", ROOT / "SSLSegmentLib" / "review" / "scene.py"]
 
 # Defined by the Slicer application, absent from slicer-core. Paths are in the Slicer/Slicer repository.
 APPLICATION_ONLY = {
@@ -178,11 +178,11 @@ def test_the_allow_list_has_no_stale_or_core_entries():
 
 
 def test_the_mrml_adapter_needs_nothing_application_only():
-    adapter = Uses(ROOT / "SSLSegmentLib" / "slicer_adapter.py")
+    adapter = Uses(ROOT / "SSLSegmentLib" / "review" / "scene.py")
     app_names = sorted(n for n in adapter.attributes | adapter.imports if _allowed(n) and n != "slicer.mrmlScene")
-    assert not app_names, f"slicer_adapter.py must run on slicer-core but uses {app_names}"
+    assert not app_names, f"review/scene.py must run on slicer-core but uses {app_names}"
     # slicer.mrmlScene is only the fallback when no scene is given; the tests always pass one.
-    source = (ROOT / "SSLSegmentLib" / "slicer_adapter.py").read_text()
+    source = (ROOT / "SSLSegmentLib" / "review" / "scene.py").read_text()
     assert 'getattr(slicer, "mrmlScene", None)' in source
 
 
@@ -194,8 +194,8 @@ def test_module_file_imports_nothing_heavy_at_load():
             top_level.update(a.name.split(".")[0] for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
             top_level.add(node.module)
-    heavy = {"torch", "monai", "SSLSegmentLib.inference", "SSLSegmentLib.trainer", "SSLSegmentLib.networks",
-             "SSLSegmentLib.review_session", "scipy", "training"}
+    heavy = {"torch", "monai", "SSLSegmentLib.ml.inference", "SSLSegmentLib.ml.trainer", "SSLSegmentLib.ml.networks",
+             "SSLSegmentLib.review.session", "scipy", "training"}
     assert not (top_level & heavy), f"imported when Slicer starts: {top_level & heavy}"
 
 
@@ -203,7 +203,7 @@ def test_library_modules_the_module_loads_pull_in_no_torch():
     import subprocess
     import sys
 
-    code = ("import sys; import SSLSegmentLib.slicer_adapter, SSLSegmentLib.review_session, SSLSegmentLib.client; "
+    code = ("import sys; import SSLSegmentLib.review.scene, SSLSegmentLib.review.session, SSLSegmentLib.review.client; "
             "print(sorted(m for m in ('torch', 'monai', 'fastapi', 'PySide6') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -1,4 +1,4 @@
-"""The module's MRML logic (SSLSegmentLib.slicer_adapter.ReviewSceneLogic) on real MRML from slicer-core.
+"""The module's MRML logic (SSLSegmentLib.review.scene.ReviewSceneLogic) on real MRML from slicer-core.
 
 Every node, storage node, colour node, slice node and the segmentations logic used here is Slicer's own C++ code;
 nothing is replaced. The scene is set up as the application sets it up (default colours, layout slice nodes,
@@ -15,11 +15,12 @@ pytest.importorskip("slicer.util")
 
 import vtk  # noqa: E402
 
-from SSLSegmentLib import slicer_adapter as sa  # noqa: E402
-from SSLSegmentLib.data.imageio import ImageError, Volume, read_label, write_volume  # noqa: E402
+from SSLSegmentLib.review import scene as sa  # noqa: E402
+from SSLSegmentLib.data.volume import ImageError, Volume
+from SSLSegmentLib.data.imageio import read_label, write_volume  # noqa: E402
 from SSLSegmentLib.data.phantoms import PhantomConfig, make_phantom  # noqa: E402
-from SSLSegmentLib.regions import find_review_regions  # noqa: E402
-from SSLSegmentLib.review_session import reviewed_mask  # noqa: E402
+from SSLSegmentLib.data.regions import find_review_regions  # noqa: E402
+from SSLSegmentLib.review.session import reviewed_mask  # noqa: E402
 
 SHAPE = (24, 32, 32)
 
@@ -202,7 +203,7 @@ def test_seg_nrrd_written_by_the_logic_reads_back_in_slicerio(headless, phantom,
 
     seg = slicerio.read_segmentation(str(path))
     assert [(s["name"], s["labelValue"]) for s in seg["segments"]] == [("left atrium", 1)]
-    np.testing.assert_allclose(seg["ijkToLPS"], sa.ijk_to_lps_matrix(image.geometry), atol=1e-4)
+    np.testing.assert_allclose(seg["ijkToLPS"], image.geometry.ijk_to_lps(), atol=1e-4)
     voxels = np.asarray(seg["voxels"])  # slicerio: (i, j, k)
     np.testing.assert_array_equal(voxels.transpose(2, 1, 0), label.array)
 
@@ -324,7 +325,7 @@ def test_show_case_and_inference_build_the_review_scene_and_clean_up(headless, p
              "entropy": write_volume(u, tmp_path / "entropy.nrrd"),
              "mutual_information": write_volume(image.like(u.array * 0.5), tmp_path / "mi.nrrd")}
     regions, _ = find_review_regions(u.array, threshold=0.97, min_voxels=1, geometry=image.geometry)
-    result = SimpleNamespace(paths=paths, regions=regions)  # what review_session.InferenceResult provides
+    result = SimpleNamespace(paths=paths, regions=regions)  # what review.session.InferenceResult provides
     baseline = scene.GetNumberOfNodes()
 
     image_node = logic.showCase(write_volume(image, tmp_path / "image.nrrd"), name="case_1")

@@ -8,7 +8,7 @@ import torch
 
 from conftest import TINY_NET, TINY_PATCH, assert_learned
 from SSLSegmentLib.data.dataset import DataSet
-from SSLSegmentLib.trainer import (
+from SSLSegmentLib.ml.trainer import (
     TrainConfig,
     Trainer,
     TrainingCancelled,

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from conftest import TINY_NET
-from SSLSegmentLib.inference import Prediction, predict_volume
-from SSLSegmentLib.networks import build_network
-from SSLSegmentLib.uncertainty import (
+from SSLSegmentLib.ml.inference import Prediction, predict_volume
+from SSLSegmentLib.ml.networks import build_network
+from SSLSegmentLib.ml.uncertainty import (
     DEFAULT_ESTIMATOR,
     FlipEstimator,
     HeadDropoutMasks,
@@ -313,7 +313,7 @@ def test_bfloat16_autocast_stays_close_to_float32():
 
 
 def test_volumes_keep_the_geometry_and_optional_variance():
-    from SSLSegmentLib.data.imageio import Geometry, Volume
+    from SSLSegmentLib.data.volume import Geometry, Volume
 
     image = Volume(_image(), Geometry(spacing=(0.8, 0.8, 1.5), origin=(1.0, 2.0, 3.0)))
     pred = predict_volume(_net(), image, WINDOW, passes=4, device="cpu")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from training.bench import uncertainty as bench
+from benchmarks import uncertainty as bench
 
 
 def _raw(plain: float, head: float, whole: float, whole_head: float) -> dict:

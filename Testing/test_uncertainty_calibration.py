@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import TINY_PATCH
-from SSLSegmentLib.inference import predict_volume
-from SSLSegmentLib.uncertainty import (
+from SSLSegmentLib.ml.inference import predict_volume
+from SSLSegmentLib.ml.uncertainty import (
     Calibration,
     apply_temperature,
     calibrate,
@@ -111,7 +111,7 @@ def test_trained_network_uncertainty_points_at_its_errors(tiny_dataset, tiny_net
     """Train the tiny network briefly: it learns (Dice up), head MC's entropy ranks its wrong voxels above its right
     ones, and the calibration fitted on the validation split does not raise the NLL."""
     from SSLSegmentLib.data.dataset import DataSet
-    from SSLSegmentLib.trainer import TrainConfig, Trainer
+    from SSLSegmentLib.ml.trainer import TrainConfig, Trainer
 
     torch.manual_seed(0)
     ds = DataSet(tiny_dataset)

@@ -27,8 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from SSLSegmentLib.data.imageio import ImageError
-    from SSLSegmentLib.trainer import TrainingError
+    from SSLSegmentLib.data.volume import ImageError
+    from SSLSegmentLib.ml.trainer import TrainingError
 
     args = build_parser().parse_args(argv)
     try:

@@ -36,18 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
-from SSLSegmentLib.data.dataset import Sample, validate_case_id
-from SSLSegmentLib.data.imageio import (
-    IMAGE_SUFFIXES,
-    Geometry,
-    ImageError,
-    Volume,
-    _fsync_dir,
-    read_label,
-    read_volume,
-    strip_suffix,
-    write_volume,
-)
+from SSLSegmentLib.data import contract
+from SSLSegmentLib.data.dataset import Sample
+from SSLSegmentLib.data.volume import Geometry, ImageError, Volume
+from SSLSegmentLib.data.imageio import IMAGE_SUFFIXES, _fsync_dir, read_label, read_volume, strip_suffix, write_volume
 
 SCHEMA_VERSION = 1
 INDEX_DIR = ".sslsegment"
@@ -55,8 +47,6 @@ SPLITS = ("train", "val", "test")
 LABEL_KINDS = ("final", "correction", "original")
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED_STATES = ("succeeded", "failed", "cancelled")
-AUTHOR_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-VERSION_RE = re.compile(r"^v[0-9]{4,9}$")
 JOB_ID_RE = re.compile(r"^[0-9a-f]{12}$")
 INFERENCE_ID_RE = re.compile(r"^[0-9a-f]{16}$")
 
@@ -179,23 +169,20 @@ def iso(t: float | None) -> str | None:
     return None if t is None else datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds")
 
 
-def validate_author(author: str) -> str:
-    if not isinstance(author, str) or not AUTHOR_RE.match(author) or ".." in author:
-        raise InvalidInput(f"invalid author {author!r}: use letters, digits, '_', '-', '.' (max 64, no '..')")
-    return author
+def _checked(rule):
+    """A contract rule whose ValueError becomes the datastore's InvalidInput (a 4xx at the server)."""
+    def check(value):
+        try:
+            return rule(value)
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
+    check.__name__, check.__doc__ = rule.__name__, rule.__doc__
+    return check
 
 
-def validate_version(version: str) -> str:
-    if not isinstance(version, str) or not VERSION_RE.match(version):
-        raise InvalidInput(f"invalid model version {version!r}: expected v followed by digits, e.g. v0003")
-    return version
-
-
-def checked_case_id(case_id: str) -> str:
-    try:
-        return validate_case_id(case_id)
-    except ValueError as exc:
-        raise InvalidInput(str(exc)) from None
+validate_author = _checked(contract.validate_author)
+validate_version = _checked(contract.validate_version)
+checked_case_id = _checked(contract.validate_case_id)
 
 
 def image_suffix(filename: str) -> str:
@@ -1018,7 +1005,7 @@ class Datastore:
     def add_model_version(self, checkpoint_file: Path, meta: dict, job_id: str | None = None) -> dict:
         """Publish a checkpoint as a new immutable version: copy into a staging folder, fsync, rename the folder to the
         next free vNNNN, then index it. `meta`: parent, method, metrics, trained_on, decision (not yet promoted)."""
-        from SSLSegmentLib.trainer import load_checkpoint
+        from SSLSegmentLib.ml.trainer import load_checkpoint
 
         ckpt = load_checkpoint(checkpoint_file)  # refuses anything that is not a readable SSLSegment checkpoint
         models_dir = self.root / "models"

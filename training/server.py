@@ -30,9 +30,9 @@ from fastapi import Body, Depends, FastAPI, File, Form, HTTPException, Request, 
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from SSLSegmentLib.data.imageio import ImageError
+from SSLSegmentLib.data.volume import ImageError
 
-from .datastore import (
+from training.datastore import (
     Conflict,
     Datastore,
     InvalidInput,
@@ -106,8 +106,8 @@ class _ModelCache:
         self.lock = threading.Lock()
 
     def get(self):
-        from SSLSegmentLib.inference import pick_device
-        from SSLSegmentLib.trainer import model_from_checkpoint
+        from SSLSegmentLib.ml.inference import pick_device
+        from SSLSegmentLib.ml.trainer import model_from_checkpoint
 
         current = self.store.current_model
         if current is None:
@@ -249,7 +249,7 @@ def create_app(datastore_dir: str | os.PathLike, token: str | None = None, *, ma
 
     @app.get(f"{API}/info", dependencies=auth)
     def info():
-        from SSLSegmentLib.methods import available_methods
+        from SSLSegmentLib.ml.methods import available_methods
 
         settings = store.settings
         return {"name": "SSLSegment", "version": version, "api": "v1", **store.summary(),
@@ -304,8 +304,8 @@ def create_app(datastore_dir: str | os.PathLike, token: str | None = None, *, ma
     @app.post(f"{API}/cases/{{case_id}}/infer", dependencies=auth)
     def infer(case_id: str, request: InferRequest = Body(default_factory=InferRequest)):
         from SSLSegmentLib.data.imageio import read_volume
-        from SSLSegmentLib.inference import predict_volume
-        from SSLSegmentLib.regions import find_review_regions
+        from SSLSegmentLib.ml.inference import predict_volume
+        from SSLSegmentLib.data.regions import find_review_regions
 
         case_id_param(case_id)
         store.case(case_id)
@@ -399,7 +399,7 @@ def create_app(datastore_dir: str | os.PathLike, token: str | None = None, *, ma
     # -- training jobs ----------------------------------------------------------------------------------------
     @app.post(f"{API}/train", dependencies=auth, status_code=202)
     def start_training(request: TrainRequest = Body(default_factory=TrainRequest)):
-        from .worker import resolve_train_params
+        from training.worker import resolve_train_params
 
         params = request.model_dump(exclude_none=True)
         try:
@@ -473,7 +473,7 @@ class BackendProcesses:
     env: dict | None = None
 
     def client(self, **kwargs):
-        from SSLSegmentLib.client import SSLSegmentClient
+        from SSLSegmentLib.review.client import SSLSegmentClient
 
         return SSLSegmentClient(self.base_url, token=self.token, **kwargs)
 
@@ -530,9 +530,9 @@ def start_backend(datastore_dir: str | os.PathLike, *, port: int | None = None, 
                   env: dict | None = None, log_dir: str | os.PathLike | None = None, timeout: float = 120.0) -> BackendProcesses:
     """Start `sslsegment serve` (and `sslsegment worker`) for a datastore on a free 127.0.0.1 port; wait until the
     server answers. Returns the handle with base_url, token, client(), start_worker(), kill_worker(), stop()."""
-    from SSLSegmentLib.client import BackendUnavailable, SSLSegmentClient
+    from SSLSegmentLib.review.client import BackendUnavailable, SSLSegmentClient
 
-    from .worker import free_port
+    from training.worker import free_port
 
     store = Datastore(datastore_dir, create=True)
     token, _ = store.ensure_token()

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .datastore import Conflict, Datastore, InvalidInput, NotFound, validate_version
+from training.datastore import Conflict, Datastore, InvalidInput, NotFound, validate_version
 
 TRAIN_PARAM_KEYS = {
     "method", "iterations", "lr", "batch_labeled", "batch_unlabeled", "seed", "val_interval", "patch_size", "tolerance",
@@ -58,7 +58,7 @@ def resolve_train_params(store: Datastore, params: dict | None, default_nproc: i
 
     The server calls this before queueing (a bad request is a 400, not a failed job) and the worker again when the
     job starts (the parent model may have changed in between)."""
-    from SSLSegmentLib.methods import available_methods
+    from SSLSegmentLib.ml.methods import available_methods
 
     params = dict(params or {})
     unknown = sorted(set(params) - TRAIN_PARAM_KEYS)
@@ -100,7 +100,7 @@ def resolve_train_params(store: Datastore, params: dict | None, default_nproc: i
     if "method_options" in merged and not isinstance(merged["method_options"], dict):
         raise InvalidInput("method_options must be an object")
     if "network" in merged and merged["network"] is not None:
-        from SSLSegmentLib.networks import NetworkConfig
+        from SSLSegmentLib.ml.networks import NetworkConfig
 
         if not isinstance(merged["network"], dict):
             raise InvalidInput("network must be an object of NetworkConfig fields")
@@ -113,8 +113,8 @@ def resolve_train_params(store: Datastore, params: dict | None, default_nproc: i
 
 def build_train_config(params: dict, init_ckpt: dict | None):
     """The TrainConfig of a job: the parent's network (and patch size, unless given) when fine-tuning."""
-    from SSLSegmentLib.networks import NetworkConfig
-    from SSLSegmentLib.trainer import TrainConfig
+    from SSLSegmentLib.ml.networks import NetworkConfig
+    from SSLSegmentLib.ml.trainer import TrainConfig
 
     cfg = {k: params[k] for k in _CONFIG_KEYS if k in params and params[k] is not None}
     if init_ckpt is not None:
@@ -132,7 +132,7 @@ def build_train_config(params: dict, init_ckpt: dict | None):
 
 def validation_dice(model, val_samples, patch_size, device="cpu", overlap: float = 0.25) -> float:
     """Mean foreground Dice over fixed validation samples (same rule as Trainer.validate)."""
-    from SSLSegmentLib.inference import predict_volume
+    from SSLSegmentLib.ml.inference import predict_volume
 
     if not val_samples:
         return math.nan
@@ -165,7 +165,7 @@ def promotion_decision(new_dice: float, parent_dice: float | None, parent: str |
 def score_cases(store: Datastore, model, version: str, patch_size, passes: int, device="cpu",
                 should_stop=lambda: False) -> int:
     """Mean and summed normalised entropy of every unreviewed train case under `version` (active-learning ranks)."""
-    from SSLSegmentLib.inference import predict_volume
+    from SSLSegmentLib.ml.inference import predict_volume
 
     n = 0
     for case_id in store.unreviewed("train"):
@@ -305,7 +305,7 @@ class Worker:
         except (JobFailed, InvalidInput) as exc:
             error = str(exc)
         except Exception as exc:
-            from SSLSegmentLib.trainer import TrainingError
+            from SSLSegmentLib.ml.trainer import TrainingError
 
             error = str(exc) if isinstance(exc, TrainingError) else f"{type(exc).__name__}: {exc}"
             if not isinstance(exc, TrainingError):
@@ -319,7 +319,7 @@ class Worker:
         return self.store.job(job_id)
 
     def _train(self, job: dict, scratch: Path, cancel: threading.Event) -> dict:
-        from SSLSegmentLib.trainer import load_checkpoint, model_from_checkpoint
+        from SSLSegmentLib.ml.trainer import load_checkpoint, model_from_checkpoint
 
         store, job_id = self.store, job["job_id"]
         params = resolve_train_params(store, job["params"], self.nproc)
@@ -348,7 +348,7 @@ class Worker:
 
         store.update_progress(job_id, {"phase": "validating", "step": config.iterations, "iterations": config.iterations})
         _, val = store.load_training_set({"train": {}, "val": snapshot["val"]})
-        from SSLSegmentLib.inference import pick_device
+        from SSLSegmentLib.ml.inference import pick_device
 
         device = pick_device(config.device)
         new_model, new_ckpt = model_from_checkpoint(best, device=device)
@@ -399,7 +399,7 @@ class Worker:
                 "ranks": fit.get("ranks", [])}
 
     def _fit_local(self, job_id, config, snapshot, init_path, scratch, cancel) -> dict:
-        from SSLSegmentLib.trainer import Trainer, TrainingCancelled
+        from SSLSegmentLib.ml.trainer import Trainer, TrainingCancelled
 
         samples, val = self.store.load_training_set(snapshot)
         progress = _ProgressWriter(self.store, job_id)
@@ -480,7 +480,7 @@ def ddp_rank_main(spec_path: str) -> int:
     import torch
     import torch.distributed as dist
 
-    from SSLSegmentLib.trainer import TrainConfig, Trainer, TrainingCancelled, TrainingError
+    from SSLSegmentLib.ml.trainer import TrainConfig, Trainer, TrainingCancelled, TrainingError
     from SSLSegmentLib.data.imageio import atomic_write_bytes
 
     spec = json.loads(Path(spec_path).read_text())

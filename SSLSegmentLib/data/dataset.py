@@ -8,23 +8,13 @@ When `dataset.json` is missing, every image with a final label is a training cas
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .imageio import IMAGE_SUFFIXES, ImageError, Volume, read_label, read_volume, strip_suffix
-
-CASE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-
-
-def validate_case_id(case_id: str) -> str:
-    """Case ids name files, so they are restricted to a safe alphabet (no separators, no '..')."""
-    if not isinstance(case_id, str) or not CASE_ID_RE.match(case_id) or ".." in case_id:
-        raise ValueError(f"invalid case id {case_id!r}: use letters, digits, '_', '-', '.' (max 128, no '..')")
-    return case_id
-
+from SSLSegmentLib.data.volume import ImageError, Volume
+from SSLSegmentLib.data.imageio import IMAGE_SUFFIXES, read_label, read_volume, strip_suffix
 
 @dataclass
 class Sample:

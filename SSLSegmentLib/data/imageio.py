@@ -1,4 +1,4 @@
-"""Image and label I/O that keeps the full geometry (spacing, origin, direction).
+"""Image and label files that keep the full geometry (spacing, origin, direction); `Volume` lives in data/volume.py.
 
 Arrays are in SimpleITK/Slicer order (k, j, i) = (z, y, x); geometry is in SimpleITK's LPS convention.
 Every write goes to a temporary file in the destination folder, is fsynced and then renamed, so a reader
@@ -10,72 +10,14 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
+from SSLSegmentLib.data.volume import ImageError, Volume
+
 IMAGE_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha")
-
-
-class ImageError(ValueError):
-    """An image or label that cannot be used, with a message that says why."""
-
-
-@dataclass
-class Geometry:
-    """Physical placement of a voxel grid: spacing (x, y, z) in mm, origin in mm (LPS), 3×3 direction (row-major)."""
-
-    spacing: tuple[float, float, float]
-    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
-
-    def matches(self, other: "Geometry", tol: float = 1e-4) -> bool:
-        return (
-            np.allclose(self.spacing, other.spacing, atol=tol)
-            and np.allclose(self.origin, other.origin, atol=tol * 100)
-            and np.allclose(self.direction, other.direction, atol=tol)
-        )
-
-    def to_dict(self) -> dict:
-        return {"spacing": list(self.spacing), "origin": list(self.origin), "direction": list(self.direction)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Geometry":
-        return cls(tuple(d["spacing"]), tuple(d["origin"]), tuple(d["direction"]))
-
-
-@dataclass
-class Volume:
-    """A 3D array (z, y, x) with its geometry."""
-
-    array: np.ndarray
-    geometry: Geometry = field(default_factory=lambda: Geometry((1.0, 1.0, 1.0)))
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return tuple(self.array.shape)  # type: ignore[return-value]
-
-    def to_sitk(self) -> sitk.Image:
-        img = sitk.GetImageFromArray(np.ascontiguousarray(self.array))
-        img.SetSpacing([float(s) for s in self.geometry.spacing])
-        img.SetOrigin([float(o) for o in self.geometry.origin])
-        img.SetDirection([float(d) for d in self.geometry.direction])
-        return img
-
-    @classmethod
-    def from_sitk(cls, img: sitk.Image) -> "Volume":
-        return cls(
-            sitk.GetArrayFromImage(img),
-            Geometry(tuple(img.GetSpacing()), tuple(img.GetOrigin()), tuple(img.GetDirection())),
-        )
-
-    def like(self, array: np.ndarray) -> "Volume":
-        """A new volume with this one's geometry and another array of the same shape."""
-        if tuple(array.shape) != self.shape:
-            raise ImageError(f"array shape {tuple(array.shape)} does not match the volume shape {self.shape}")
-        return Volume(array, self.geometry)
 
 
 def read_volume(path: str | os.PathLike, *, max_spacing_mm: float = 50.0) -> Volume:

@@ -28,8 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .dataset import validate_case_id
-from .imageio import Geometry, ImageError, Volume, atomic_write_bytes, write_volume
+from SSLSegmentLib.data.contract import validate_case_id
+from SSLSegmentLib.data.volume import Geometry, ImageError, Volume
+from SSLSegmentLib.data.imageio import atomic_write_bytes, write_volume
 
 LA_SPACING_MM = 0.625
 LA_FILE = "mri_norm2.h5"

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from .imageio import Geometry, Volume, atomic_write_bytes, write_volume
+from SSLSegmentLib.data.volume import Geometry, Volume
+from SSLSegmentLib.data.imageio import atomic_write_bytes, write_volume
 
 
 @dataclass

@@ -72,10 +72,10 @@ def cmd_make_phantoms(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from SSLSegmentLib.methods import available_methods
-    from SSLSegmentLib.networks import NetworkConfig
-    from SSLSegmentLib.trainer import TrainConfig
-    from training.experiment import run_experiment
+    from SSLSegmentLib.ml.methods import available_methods
+    from SSLSegmentLib.ml.networks import NetworkConfig
+    from SSLSegmentLib.ml.trainer import TrainConfig
+    from benchmarks.experiment import run_experiment
 
     if args.method not in available_methods():
         raise KeyError(f"unknown method {args.method!r}; available: {', '.join(available_methods())}")
@@ -98,8 +98,8 @@ def cmd_train(args) -> int:
 
 def cmd_infer(args) -> int:
     from SSLSegmentLib.data.imageio import read_volume, write_volume
-    from SSLSegmentLib.inference import predict_volume
-    from SSLSegmentLib.trainer import model_from_checkpoint
+    from SSLSegmentLib.ml.inference import predict_volume
+    from SSLSegmentLib.ml.trainer import model_from_checkpoint
 
     model, ckpt = model_from_checkpoint(args.checkpoint)
     image = read_volume(args.image)
@@ -113,8 +113,8 @@ def cmd_infer(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from SSLSegmentLib.data.dataset import DataSet
-    from SSLSegmentLib.evaluation import evaluate_model
-    from SSLSegmentLib.trainer import model_from_checkpoint
+    from SSLSegmentLib.ml.evaluation import evaluate_model
+    from SSLSegmentLib.ml.trainer import model_from_checkpoint
 
     model, ckpt = model_from_checkpoint(args.checkpoint)
     ds = DataSet(args.data)
@@ -131,7 +131,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_methods(args) -> int:
-    from SSLSegmentLib.methods import available_methods
+    from SSLSegmentLib.ml.methods import available_methods
 
     for name, cls in available_methods().items():
         print(f"{name:14s} {cls.summary}")

@@ -55,8 +55,8 @@ def cmd_demo(args) -> int:
     import torch
 
     from SSLSegmentLib.data.phantoms import PhantomConfig, write_phantom_dataset
-    from training.refinement import Console, LoopConfig, LoopError, finetune_params, run_loop, save_detail
-    from training.report import write_report
+    from benchmarks.refinement import Console, LoopConfig, LoopError, finetune_params, run_loop, save_detail
+    from benchmarks.report import write_report
     from training.cli import CommandError
 
     cfg = LoopConfig(

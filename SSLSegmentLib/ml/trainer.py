@@ -1,0 +1,401 @@
+"""The shared teacher-student trainer. Every method plugs in through `SSLMethod.compute_loss`.
+
+What it owns: student + EMA teacher, two-stream batches (labeled first, then unlabeled), voxelwise
+`labeled_mask`, sigmoid ramp-up, SGD with a learning-rate schedule, MONAI patch sampling and augmentation,
+validation on a fixed split with the best checkpoint kept, atomic checkpoints carrying config, seed, data
+snapshot and metrics, NaN detection, progress callbacks and cooperative cancellation.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from SSLSegmentLib.data.dataset import Sample
+from SSLSegmentLib.data.imageio import atomic_write_bytes
+from SSLSegmentLib.ml.inference import pick_device, predict_volume
+from SSLSegmentLib.ml.methods import StepContext, get_method
+from SSLSegmentLib.ml.methods.losses import sigmoid_rampup
+from SSLSegmentLib.ml.networks import NetworkConfig, SegNet, build_network
+
+CHECKPOINT_FORMAT = "sslsegment-checkpoint/1"
+
+
+class TrainingError(RuntimeError):
+    """Training stopped for a reason the user must see (NaN loss, no labeled data, ...)."""
+
+
+class TrainingCancelled(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a training run (stored in every checkpoint and result).
+
+    patch_size: (z, y, x). batch_labeled/batch_unlabeled: the two streams per step.
+    rampup_steps: length of the sigmoid ramp of λ(t) (None: 40% of the iterations).
+    lr_schedule: "constant", "step" (×0.1 every lr_step iterations) or "poly" ((1−t/T)^0.9).
+    eval_model: which weights are validated and exported ("student" as in the LA papers, or "teacher").
+    """
+
+    method: str = "brl"
+    method_options: dict = field(default_factory=dict)
+    network: dict = field(default_factory=lambda: NetworkConfig().to_dict())
+    patch_size: tuple[int, int, int] = (32, 48, 48)
+    batch_labeled: int = 2
+    batch_unlabeled: int = 2
+    iterations: int = 1000
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_schedule: str = "constant"
+    lr_step: int = 2500
+    ema_decay: float = 0.99
+    rampup_steps: int | None = None
+    val_interval: int = 100
+    val_overlap: float = 0.25
+    eval_model: str = "student"
+    seed: int = 0
+    device: str = "auto"
+    augment: bool = True
+
+    def __post_init__(self) -> None:
+        self.patch_size = tuple(int(p) for p in self.patch_size)
+        if isinstance(self.network, NetworkConfig):
+            self.network = self.network.to_dict()
+        if self.lr_schedule not in ("constant", "step", "poly"):
+            raise ValueError(f"lr_schedule must be constant, step or poly; got {self.lr_schedule!r}")
+        if self.eval_model not in ("student", "teacher"):
+            raise ValueError(f"eval_model must be student or teacher; got {self.eval_model!r}")
+        if self.iterations < 1 or self.batch_labeled < 1 or self.batch_unlabeled < 0:
+            raise ValueError("iterations and batch_labeled must be >= 1, batch_unlabeled >= 0")
+        net = NetworkConfig(**self.network)
+        bad = [p for p in self.patch_size if p % net.size_multiple]
+        if len(self.patch_size) != 3 or bad:
+            raise ValueError(f"patch_size {self.patch_size} must be 3 sizes, each a multiple of {net.size_multiple}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["patch_size"] = list(self.patch_size)
+        return d
+
+    @property
+    def ramp_length(self) -> int:
+        return int(0.4 * self.iterations) if self.rampup_steps is None else int(self.rampup_steps)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def make_patch_transform(patch_size, augment: bool, seed: int):
+    """MONAI dictionary transforms on (1, z, y, x) arrays: pad to the patch, random crop, flips and 90° turns."""
+    from monai.transforms import Compose, RandFlipd, RandRotate90d, RandSpatialCropd, SpatialPadd
+
+    keys = ["image", "label", "labeled_mask"]
+    ts = [
+        SpatialPadd(keys, spatial_size=patch_size, mode="constant"),
+        RandSpatialCropd(keys, roi_size=patch_size, random_size=False),
+    ]
+    if augment:
+        # In-plane turns only when the plane is square, so the patch keeps its shape.
+        ts += [RandFlipd(keys, prob=0.5, spatial_axis=1), RandFlipd(keys, prob=0.5, spatial_axis=2)]
+        if patch_size[1] == patch_size[2]:
+            ts.append(RandRotate90d(keys, prob=0.5, max_k=3, spatial_axes=(1, 2)))
+    t = Compose(ts)
+    t.set_random_state(seed=seed)
+    return t
+
+
+class TwoStreamSampler:
+    """Labeled stream and unlabeled stream, each reshuffled when exhausted (deterministic given the seed)."""
+
+    def __init__(self, samples: list[Sample], batch_labeled: int, batch_unlabeled: int, seed: int):
+        self.labeled = [i for i, s in enumerate(samples) if s.is_labeled]
+        self.unlabeled = [i for i, s in enumerate(samples) if not s.is_labeled]
+        if not self.labeled:
+            raise TrainingError("no labeled voxels in the training set: label at least one case or one region")
+        self.bl, self.bu = batch_labeled, batch_unlabeled if self.unlabeled else 0
+        self.rng = np.random.default_rng(seed)
+        self._queues: dict[str, list[int]] = {"l": [], "u": []}
+
+    def _take(self, key: str, pool: list[int], n: int) -> list[int]:
+        out = []
+        while len(out) < n:
+            if not self._queues[key]:
+                self._queues[key] = list(self.rng.permutation(pool))
+            out.append(int(self._queues[key].pop()))
+        return out
+
+    def next(self) -> tuple[list[int], list[int]]:
+        return self._take("l", self.labeled, self.bl), self._take("u", self.unlabeled, self.bu)
+
+
+@dataclass
+class Progress:
+    step: int
+    iterations: int
+    loss: float
+    terms: dict
+    lr: float
+    elapsed_s: float
+    val_dice: float | None = None
+    best_dice: float | None = None
+
+    @property
+    def eta_s(self) -> float:
+        return self.elapsed_s / max(self.step, 1) * (self.iterations - self.step)
+
+
+class Trainer:
+    """Train one method on in-memory samples; validate on `val` samples (image, label) pairs."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        samples: list[Sample],
+        val: list[Sample] | None = None,
+        out_dir: str | Path | None = None,
+        data_snapshot: dict | None = None,
+        init_checkpoint: str | Path | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        distributed: bool = False,
+    ):
+        self.config = config
+        self.samples = samples
+        self.val = val or []
+        self.out_dir = Path(out_dir) if out_dir else None
+        self.data_snapshot = data_snapshot or {}
+        self.on_progress = on_progress
+        self.should_stop = should_stop or (lambda: False)
+        self.distributed = distributed and torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.rank = torch.distributed.get_rank() if self.distributed else 0
+        self.world = torch.distributed.get_world_size() if self.distributed else 1
+
+        seed_everything(config.seed + self.rank)
+        self.device = pick_device(config.device)
+        self.method = get_method(config.method, **config.method_options).to(self.device)
+        net_cfg = NetworkConfig(**{**config.network, **self.method.network_options})
+        self.net_config = net_cfg
+        self.student: SegNet = build_network(net_cfg).to(self.device)
+        if init_checkpoint:
+            ckpt = load_checkpoint(init_checkpoint)
+            self.student.load_state_dict(ckpt["model"], strict=False)
+        self.teacher: SegNet = copy.deepcopy(self.student)
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.model = self.student
+        if self.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.model = DDP(self.student, find_unused_parameters=True)
+        self.optimizer = torch.optim.SGD(
+            self.student.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+        self.transform = make_patch_transform(config.patch_size, config.augment, config.seed * 7919 + self.rank)
+        bu = config.batch_unlabeled if self.method.uses_unlabeled else 0
+        self.sampler = TwoStreamSampler(samples, config.batch_labeled, bu, config.seed * 104729 + self.rank)
+        self.generator = torch.Generator().manual_seed(config.seed * 31 + self.rank)
+        self.step = 0
+        self.history: list[dict] = []
+        self.best = {"dice": -1.0, "step": 0}
+
+    # -- one step -------------------------------------------------------------------------------------------
+    def lr_at(self, step: int) -> float:
+        c = self.config
+        if c.lr_schedule == "step":
+            return c.lr * (0.1 ** (step // c.lr_step))
+        if c.lr_schedule == "poly":
+            return c.lr * (1.0 - step / c.iterations) ** 0.9
+        return c.lr
+
+    def make_batch(self) -> dict[str, torch.Tensor]:
+        li, ui = self.sampler.next()
+        items = []
+        for i in li + ui:
+            s = self.samples[i]
+            items.append(
+                self.transform(
+                    {"image": s.image[None], "label": s.label[None].astype(np.int64), "labeled_mask": s.labeled_mask[None].astype(np.float32)}
+                )
+            )
+        batch = {}
+        for k in ("image", "label", "labeled_mask"):
+            batch[k] = torch.stack([torch.as_tensor(np.asarray(it[k])) for it in items]).to(self.device)
+        batch["label"] = batch["label"].long()
+        batch["image"] = batch["image"].float()
+        batch["labeled_mask"] = batch["labeled_mask"].float()
+        batch["n_labeled"] = torch.tensor(len(li))
+        return batch
+
+    @torch.no_grad()
+    def update_teacher(self) -> None:
+        alpha = min(1.0 - 1.0 / (self.step + 1), self.config.ema_decay)
+        for tp, sp in zip(self.teacher.parameters(), self.student.parameters()):
+            tp.mul_(alpha).add_(sp.detach(), alpha=1.0 - alpha)
+        for tb, sb in zip(self.teacher.buffers(), self.student.buffers()):
+            tb.copy_(sb)
+
+    def train_step(self) -> tuple[float, dict]:
+        c = self.config
+        lr = self.lr_at(self.step)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.student.train()
+        batch = self.make_batch()
+        ctx = StepContext(
+            student=self.model,
+            teacher=self.teacher,
+            batch=batch,
+            step=self.step,
+            max_steps=c.iterations,
+            rampup=sigmoid_rampup(self.step, c.ramp_length),
+            generator=self.generator,
+        )
+        out = self.method.compute_loss(ctx)
+        if not torch.isfinite(out.loss):
+            raise TrainingError(
+                f"loss became {float(out.loss.detach())} at step {self.step} (terms {out.terms}); "
+                f"try a lower learning rate (now {lr})"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        self.optimizer.step()
+        self.step += 1
+        self.update_teacher()
+        self.method.after_step(ctx)
+        return float(out.loss.detach()), {**out.terms, "lr": lr}
+
+    # -- validation and checkpoints -------------------------------------------------------------------------
+    @property
+    def eval_net(self) -> SegNet:
+        return self.student if self.config.eval_model == "student" else self.teacher
+
+    def validate(self) -> float:
+        if not self.val:
+            return math.nan
+        dices = []
+        for s in self.val:
+            pred = predict_volume(
+                self.eval_net, s.image, self.config.patch_size, passes=1, overlap=self.config.val_overlap, device=self.device
+            )
+            p, t = pred.label > 0, s.label > 0
+            denom = p.sum() + t.sum()
+            dices.append(1.0 if denom == 0 else 2.0 * np.logical_and(p, t).sum() / denom)
+        return float(np.mean(dices))
+
+    def checkpoint(self, metrics: dict) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model": {k: v.detach().cpu() for k, v in self.eval_net.state_dict().items()},
+            "student": {k: v.detach().cpu() for k, v in self.student.state_dict().items()},
+            "teacher": {k: v.detach().cpu() for k, v in self.teacher.state_dict().items()},
+            "method_state": {k: v.detach().cpu() for k, v in self.method.state_dict().items()},
+            "network": self.net_config.to_dict(),
+            "train_config": self.config.to_dict(),
+            "method": self.config.method,
+            "method_options": self.method.options(),
+            "seed": self.config.seed,
+            "step": self.step,
+            "data": self.data_snapshot,
+            "metrics": metrics,
+            "history": self.history,
+            "versions": {"torch": str(torch.__version__)},
+        }
+
+    def save(self, name: str, metrics: dict) -> Path | None:
+        if self.out_dir is None or self.rank != 0:
+            return None
+        return save_checkpoint(self.checkpoint(metrics), self.out_dir / name)
+
+    # -- the loop -------------------------------------------------------------------------------------------
+    def fit(self, progress_bar: bool = False) -> dict:
+        c = self.config
+        t0 = time.time()
+        bar = None
+        if progress_bar and self.rank == 0:
+            from tqdm import tqdm
+
+            bar = tqdm(total=c.iterations, desc=f"train {c.method}", unit="it")
+        last_loss, terms = math.nan, {}
+        while self.step < c.iterations:
+            if self.should_stop():
+                raise TrainingCancelled(f"cancelled at step {self.step}")
+            last_loss, terms = self.train_step()
+            val_dice = None
+            if self.val and (self.step % c.val_interval == 0 or self.step == c.iterations):
+                val_dice = self.validate()
+                self.history.append({"step": self.step, "loss": last_loss, "val_dice": val_dice})
+                if val_dice > self.best["dice"]:
+                    self.best = {"dice": val_dice, "step": self.step}
+                    self.save("best.pt", {"val_dice": val_dice, "val_step": self.step})
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{last_loss:.3f}", val=f"{self.best['dice']:.3f}")
+            if self.on_progress is not None:
+                self.on_progress(
+                    Progress(self.step, c.iterations, last_loss, terms, terms.get("lr", c.lr), time.time() - t0, val_dice,
+                             self.best["dice"] if self.best["dice"] >= 0 else None)
+                )
+        if bar is not None:
+            bar.close()
+        if not self.val:
+            self.best = {"dice": math.nan, "step": self.step}
+            self.save("best.pt", {"val_dice": math.nan, "val_step": self.step})
+        last_dice = self.history[-1]["val_dice"] if self.history else math.nan
+        self.save("last.pt", {"val_dice": last_dice, "val_step": self.step})
+        return {
+            "best_val_dice": self.best["dice"],
+            "best_step": self.best["step"],
+            "last_val_dice": last_dice,
+            "final_loss": last_loss,
+            "seconds": time.time() - t0,
+            "history": self.history,
+        }
+
+
+def save_checkpoint(ckpt: dict, path: str | Path, overwrite: bool = True) -> Path:
+    """Serialise to memory, then write atomically (temp file, fsync, rename)."""
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    return atomic_write_bytes(path, buf.getvalue(), overwrite=overwrite)
+
+
+def load_checkpoint(path: str | Path, map_location: str = "cpu") -> dict:
+    """Load with `weights_only=True`: tensors and plain containers only, never arbitrary pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # a truncated or foreign file
+        raise ValueError(f"{path}: not a readable SSLSegment checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not an SSLSegment checkpoint (format {ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt)})")
+    return ckpt
+
+
+def checkpoint_patch_size(ckpt: dict) -> tuple[int, int, int]:
+    """The sliding-window size a checkpoint was trained with (z, y, x); TrainConfig's default for older files."""
+    return tuple(int(p) for p in (ckpt.get("train_config") or {}).get("patch_size", TrainConfig.patch_size))
+
+
+def model_from_checkpoint(path_or_ckpt, device: str | torch.device = "cpu") -> tuple[SegNet, dict]:
+    ckpt = load_checkpoint(path_or_ckpt) if not isinstance(path_or_ckpt, dict) else path_or_ckpt
+    net = build_network(NetworkConfig(**ckpt["network"]))
+    net.load_state_dict(ckpt["model"])
+    net.to(device).eval()
+    return net, ckpt

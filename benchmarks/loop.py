@@ -1,0 +1,394 @@
+"""`make bench-loop`: the interactive-refinement loop as a benchmark (the demo's loop without the pictures).
+
+    python -m benchmarks.loop --profile quick            # phantoms, 3 seeds   → benchmarks/results/loop.json/.md
+    python -m benchmarks.loop --profile la               # LA2018, 1 seed      → benchmarks/results/loop-la.json/.md
+    python -m benchmarks.loop --profile la --la-source PATH | --data IMPORTED_FOLDER
+
+Per seed: a data set (phantoms: generated with the seed; LA: fixed splits), a brl teacher trained by the real worker,
+then every arm from that teacher on its own datastore copy with its own server + worker on 127.0.0.1 (see
+benchmarks/refinement.py). Reported per arm: test Dice after each round, reviewed and fixed voxels, gains per 1000
+reviewed voxels (raw, and beyond the retrain-only arm), the ratio guided / random, error detection of the uncertainty
+map on the test split (AUROC, share of the wrong voxels in the 5 % most uncertain), and the fold-in comparison:
+guided corrections folded in through the reviewed mask vs the same corrections taken as full labels.
+Results are rewritten after every seed, so a cut-off run keeps what finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.refinement import Console, LoopConfig, finetune_params, gain_ratio, run_loop
+
+RESULTS = Path("benchmarks/results")
+REPO = Path(__file__).resolve().parents[2]
+MAIN_ARMS = ["uncertainty", "random", "boundary", "oracle", "none", "uncertainty-full-label"]
+
+
+@dataclass
+class Profile:
+    name: str
+    description: str
+    loop: dict
+    seeds: list = field(default_factory=lambda: [0])
+    out_name: str = "loop"
+
+
+def _phantoms(work: Path, seed: int) -> Path:
+    from SSLSegmentLib.data.phantoms import PhantomConfig, write_phantom_dataset
+
+    out = work / f"loop-phantoms-24-4-6-s{seed}"
+    if not (out / "dataset.json").is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        write_phantom_dataset(out, 24, 4, 6, PhantomConfig(), seed=seed)
+    return out
+
+
+def _la(work: Path, source: str | None) -> Path:
+    """LA2018 at half resolution, imported once into WORK (the same folder `make bench` uses); never committed."""
+    out = work / "la2018-half"
+    if (out / "dataset.json").is_file():
+        return out
+    from SSLSegmentLib.data.la import import_la
+
+    src = Path(source or os.environ.get("SSLSEGMENT_LA2018", REPO.parent / "shared" / "data" / "LA2018"))
+    if not (src / "train.list").is_file():
+        raise FileNotFoundError(f"LA2018 not found at {src}: pass --la-source (the h5 layout) or --data (an imported folder)")
+    import_la(src, out, half_res=True, progress=True)
+    return out
+
+
+PROFILES = {
+    "quick": Profile(
+        name="quick",
+        description="phantoms 24 train (4 labeled) / 4 val / 6 test at 40×64×64 per seed, default UNet, brl teacher "
+                    "300 iterations; 3 rounds × 2 cases, 2 % review budget per case, 60-iteration retrains",
+        loop=dict(arms=MAIN_ARMS, rounds=3, cases_per_round=2, budget_fraction=0.02, n_labeled=4,
+                  teacher={"method": "brl", "iterations": 300, "lr": 0.02, "lr_schedule": "poly", "val_interval": 100},
+                  finetune=finetune_params(60)),
+        seeds=[0, 1, 2],
+        out_name="loop",
+    ),
+    "la": Profile(
+        name="la",
+        description="LA2018 (real LGE-MRI) at half resolution (1.25 mm), 60 train (8 labeled) / 10 val / 10 test, "
+                    "default UNet, patches 48×48×32 (x×y×z), brl teacher 450 iterations (lr 0.03 poly); 3 rounds × "
+                    "2 cases, 2 % review budget per case, 60-iteration retrains",
+        loop=dict(arms=["uncertainty", "random", "oracle", "none", "uncertainty-full-label"], rounds=3,
+                  cases_per_round=2, budget_fraction=0.02, n_labeled=8,
+                  teacher={"method": "brl", "iterations": 450, "lr": 0.03, "lr_schedule": "poly", "val_interval": 150,
+                           "patch_size": [32, 48, 48]},
+                  finetune=finetune_params(60)),
+        seeds=[0],
+        out_name="loop-la",
+    ),
+    "smoke": Profile(
+        name="smoke",
+        description="tiny phantoms and networks: checks the benchmark machinery only",
+        loop=dict(arms=["uncertainty", "random", "none"], rounds=1, cases_per_round=1, budget_fraction=0.05,
+                  n_labeled=2,
+                  teacher={"method": "brl", "iterations": 30, "lr": 0.02, "val_interval": 15, "patch_size": [16, 32, 32],
+                           "network": {"channels": [8, 16, 32], "strides": [2, 2], "features": 8, "num_res_units": 1}},
+                  finetune={"iterations": 10, "lr": 0.003, "eval_model": "teacher", "val_interval": 10},
+                  infer={"passes": 2}, eval_passes=2),
+        seeds=[0],
+        out_name="loop-smoke",
+    ),
+}
+
+
+def _mean_sd(values):
+    v = np.array([x for x in values if x is not None and isinstance(x, (int, float)) and math.isfinite(x)], float)
+    if v.size == 0:
+        return None, None
+    return float(v.mean()), (float(v.std(ddof=1)) if v.size > 1 else 0.0)
+
+
+def aggregate(runs: list[dict]) -> dict:
+    """Mean ± sd over seeds of each arm's numbers, the guided / random ratios, error detection, the fold-in test."""
+    arms = []
+    for r in runs:
+        for a in r["summary"]["arms"]:
+            if a not in arms:
+                arms.append(a)
+    out = {"arms": {}, "n_seeds": len(runs)}
+    keys = ("gain", "gain_per_1000", "gain_vs_none", "gain_vs_none_per_1000", "fixed_per_1000", "case_gain_per_1000",
+            "reviewed_voxels", "edited_voxels")
+    for a in arms:
+        rows = [r["summary"]["arms"][a] for r in runs if a in r["summary"]["arms"]]
+        n_rounds = len(rows[0]["dice"])
+        agg = {"dice": [_mean_sd([row["dice"][i] for row in rows]) for i in range(n_rounds)],
+               "promoted": [sum(row["promoted"]) for row in rows], "n": len(rows)}
+        for k in keys:
+            agg[k] = _mean_sd([row[k] for row in rows])
+        agg["auroc_final"] = _mean_sd([row["error_detection_final"].get("auroc") for row in rows])
+        agg["top5_final"] = _mean_sd([row["error_detection_final"].get("top5_recall") for row in rows])
+        out["arms"][a] = agg
+    ratios = {}
+    for key in ("fixed_per_1000", "case_gain_per_1000", "gain_per_1000", "gain_vs_none_per_1000"):
+        per_seed = [gain_ratio(r["summary"]["arms"].get("uncertainty", {}).get(key),
+                               r["summary"]["arms"].get("random", {}).get(key)) for r in runs]
+        g, rnd = out["arms"].get("uncertainty", {}).get(key), out["arms"].get("random", {}).get(key)
+        of_means = gain_ratio(g[0], rnd[0]) if g and rnd else None
+        ratios[key] = {"of_means": of_means, "per_seed": per_seed}
+    out["guided_vs_random"] = ratios
+    out["teacher"] = {"dice": _mean_sd([r["summary"]["teacher_dice"] for r in runs]),
+                      "auroc": _mean_sd([r["summary"]["teacher_error_detection"].get("auroc") for r in runs]),
+                      "top5": _mean_sd([r["summary"]["teacher_error_detection"].get("top5_recall") for r in runs]),
+                      "error_rate": _mean_sd([r["summary"]["teacher_error_detection"].get("error_rate") for r in runs])}
+    if "uncertainty" in out["arms"] and "uncertainty-full-label" in out["arms"]:
+        part = [r["summary"]["arms"]["uncertainty"]["dice"][-1] for r in runs if "uncertainty-full-label" in r["summary"]["arms"]]
+        full = [r["summary"]["arms"]["uncertainty-full-label"]["dice"][-1] for r in runs
+                if "uncertainty-full-label" in r["summary"]["arms"]]
+        diff = _mean_sd([p - f for p, f in zip(part, full)])
+        out["fold_in"] = {"reviewed_mask": _mean_sd(part), "full_label": _mean_sd(full), "difference": diff,
+                          "per_seed": [p - f for p, f in zip(part, full)],
+                          "winner": None if diff[0] is None else ("reviewed mask" if diff[0] > 0 else
+                                                                 "full label" if diff[0] < 0 else "tie")}
+    return out
+
+
+def _f(ms, scale=100.0, digits=2, sign=False):
+    if ms is None or ms[0] is None:
+        return "n/a"
+    fmt = f"{{:{'+' if sign else ''}.{digits}f}}"
+    m = fmt.format(scale * ms[0])
+    return m if not ms[1] else f"{m} ± {scale * ms[1]:.{digits}f}"
+
+
+def markdown(result: dict) -> str:
+    env, agg, cfg = result["environment"], result["aggregate"], result["config"]
+    seeds = result["seeds"]
+    rounds = cfg["rounds"]
+    names = {"uncertainty": "uncertainty-guided (ours)", "random": "random regions, same sizes",
+             "boundary": "random regions on the predicted edge", "oracle": "oracle (largest errors)",
+             "none": "no correction (retrain only)", "uncertainty-full-label": "guided, folded in as full label"}
+    sd_note = "mean ± sd over seeds" if len(seeds) > 1 else "one seed"
+    lines = [
+        f"# Refinement-loop benchmark: profile `{result['profile']}`",
+        "",
+        f"{result['description']}. Seeds {seeds} ({sd_note}). Each arm starts from the same teacher and reviews the "
+        f"same number of voxels per case; cases come from `GET /cases/next?strategy=uncertainty` of the arm's own "
+        f"backend; retrains go through the real worker (promotion on the validation split, tolerance 0.02).",
+        "",
+        f"Machine: {env['machine']} ({env['processor']}), {env['cpu_threads']} torch thread(s), device {env['device']}; "
+        f"Python {env['python']}, torch {env['torch']}, MONAI {env['monai']}; date {env['date']}. "
+        f"Wall {result['seconds']:.0f} s, CPU {result['cpu_seconds']:.0f} s in all (the loop, servers and workers).",
+        "",
+        f"Retrain: {json.dumps(cfg['finetune'])}. Teacher: {json.dumps(cfg['teacher'])}.",
+        "",
+        "## Test Dice (%) after each round",
+        "",
+        "| strategy | " + " | ".join(["start"] + [f"round {i}" for i in range(1, rounds + 1)]) + " | versions promoted |",
+        "|---|" + "---|" * (rounds + 2),
+    ]
+    for a, row in agg["arms"].items():
+        lines.append(f"| {names.get(a, a)} | " + " | ".join(_f(d) for d in row["dice"]) +
+                     f" | {sum(row['promoted'])}/{rounds * row['n']} |")
+    lines += [
+        "",
+        "## Effort and gains",
+        "",
+        "Reviewed voxels = the clinician's effort (the corrections' reviewed masks), over all rounds. Gains in Dice % "
+        "points; *beyond retraining* subtracts the no-correction arm's final Dice (same seeds, same retrains).",
+        "",
+        "| strategy | reviewed voxels | fixed voxels | fixed per 1000 reviewed | case Dice gain per 1000 reviewed | "
+        "test Dice gain | per 1000 reviewed | beyond retraining | beyond retraining, per 1000 reviewed |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for a, row in agg["arms"].items():
+        lines.append(
+            f"| {names.get(a, a)} | {_f(row['reviewed_voxels'], 1, 0)} | {_f(row['edited_voxels'], 1, 0)} | "
+            f"{_f(row['fixed_per_1000'], 1, 0)} | {_f(row['case_gain_per_1000'], 100, 2)} | {_f(row['gain'], sign=True)} | "
+            f"{_f(row['gain_per_1000'], 100, 3, True)} | {_f(row['gain_vs_none'], sign=True)} | "
+            f"{_f(row['gain_vs_none_per_1000'], 100, 3, True)} |")
+    rat = agg["guided_vs_random"]
+
+    def r(key):
+        v = rat.get(key, {})
+        per = ", ".join("n/a" if x is None else f"{x:.1f}" for x in v.get("per_seed", []))
+        return ("n/a" if v.get("of_means") is None else f"×{v['of_means']:.1f}") + (f" (per seed: {per})" if per else "")
+
+    lines += [
+        "",
+        "**Guided / random, same effort:** wrong voxels fixed per reviewed voxel " + r("fixed_per_1000") +
+        "; Dice gain of the reviewed cases per reviewed voxel " + r("case_gain_per_1000") +
+        "; test Dice gain per reviewed voxel " + r("gain_per_1000") +
+        "; beyond retraining alone " + r("gain_vs_none_per_1000") + ".",
+        "",
+        "## Error detection of the uncertainty map (test split)",
+        "",
+        "| model | AUROC (uncertainty → wrong voxel) | wrong voxels in the top 5 % most uncertain |",
+        "|---|---|---|",
+        f"| teacher | {_f(agg['teacher']['auroc'], 1, 3)} | {_f(agg['teacher']['top5'], 100, 1)} % |",
+    ]
+    for a, row in agg["arms"].items():
+        lines.append(f"| after {names.get(a, a)} | {_f(row['auroc_final'], 1, 3)} | {_f(row['top5_final'], 100, 1)} % |")
+    lines.append(f"\nTest error rate of the teacher: {_f(agg['teacher']['error_rate'], 100, 2)} % of the voxels.")
+    fold = agg.get("fold_in")
+    if fold:
+        lines += [
+            "",
+            "## Folding in: reviewed mask vs full label",
+            "",
+            "The same guided reviews, submitted as a correction (only the reviewed voxels count as labeled; the rest of "
+            "the case is learned from like unlabeled data) or as a final label (the corrected segmentation taken as "
+            "truth everywhere, as MONAI Label does).",
+            "",
+            "| fold-in | test Dice after the last round (%) |",
+            "|---|---|",
+            f"| reviewed mask (ours) | {_f(fold['reviewed_mask'])} |",
+            f"| full label | {_f(fold['full_label'])} |",
+            "",
+            f"Difference (reviewed mask − full label): {_f(fold['difference'], sign=True)} points "
+            f"(per seed: {', '.join(f'{100 * d:+.2f}' for d in fold['per_seed'])}); "
+            f"{'winner: ' + fold['winner'] if fold['winner'] else ''}.",
+        ]
+    lines += ["", "## Verdict", "", verdict(agg)]
+    if result.get("note"):
+        lines += ["", "## Note", "", result["note"]]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def verdict(agg: dict) -> str:
+    """The goal of the loop in one paragraph: does guided review beat random review of the same effort, per reviewed
+    voxel, and by 2x? Written from the numbers (model-level and case-level separately)."""
+    rat = agg["guided_vs_random"]
+    out = []
+    fixed = rat.get("fixed_per_1000", {}).get("of_means")
+    case = rat.get("case_gain_per_1000", {}).get("of_means")
+    if fixed is not None:
+        out.append(f"Per reviewed voxel, the uncertainty-guided review fixes ×{fixed:.1f} as many wrong voxels as random "
+                   f"regions of the same sizes" + (f" and raises the reviewed cases' Dice ×{case:.1f} as much" if case else "")
+                   + ".")
+    g = agg["arms"].get("uncertainty", {})
+    r = agg["arms"].get("random", {})
+    for key, what in (("gain_per_1000", "test Dice gain per 1000 reviewed voxels"),
+                      ("gain_vs_none_per_1000", "the same beyond retraining alone")):
+        gv, rv = (g.get(key) or (None,))[0], (r.get(key) or (None,))[0]
+        if gv is None or rv is None:
+            continue
+        ratio = rat.get(key, {}).get("of_means")
+        text = f"On the model ({what}) guided {100 * gv:+.3f} vs random {100 * rv:+.3f} Dice points"
+        if ratio is not None:
+            text += f": ×{ratio:.1f}, which {'reaches' if ratio >= 2 else 'does not reach'} 2×."
+        elif gv > 0 >= rv:
+            text += ": random gained nothing, guided did (no finite ratio)."
+        elif gv <= 0 and rv <= 0:
+            text += ": neither gained" + (" (guided lost less)." if gv > rv else ".")
+        else:
+            text += ": guided gained nothing."
+        out.append(text)
+    out.append("Why the model-level numbers are small and noisy, and what would change them: docs/refinement.md, "
+               "\"Results\".")
+    return " ".join(out)
+
+
+def render(json_path: str | Path) -> Path:
+    """Rewrite a result JSON's aggregate and its markdown with the current code, from the runs it holds (no training)."""
+    path = Path(json_path)
+    result = json.loads(path.read_text())
+    for run in result["runs"]:
+        g, r = run["summary"]["arms"].get("uncertainty", {}), run["summary"]["arms"].get("random", {})
+        run["summary"]["guided_vs_random"] = {k: gain_ratio(g.get(k), r.get(k)) for k in run["summary"]["guided_vs_random"]}
+    result["aggregate"] = aggregate(result["runs"])
+    _write_files(path, result)
+    return path.with_suffix(".md")
+
+
+def _write(result: dict, out_name: str) -> None:
+    _write_files(RESULTS / f"{out_name}.json", result)
+
+
+def _write_files(json_path: Path, result: dict) -> None:
+    from SSLSegmentLib.data.imageio import atomic_write_bytes
+
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(json_path, json.dumps(result, indent=2, default=float).encode())
+    atomic_write_bytes(json_path.with_suffix(".md"), markdown(result).encode())
+
+
+def _run_record(seed: int, data: Path, res: dict) -> dict:
+    arms = {}
+    for a, rec in res["arms"].items():
+        arms[a] = {
+            "rounds": [{k: r[k] for k in ("round", "reviewed_voxels", "edited_voxels", "current_version", "test_dice",
+                                           "seconds")} | {"job": r["job"],
+                                                          "reviews": [{k: v[k] for k in ("case_id", "spent", "edited",
+                                                                                         "errors_before", "dice_before",
+                                                                                         "dice_after", "n_visited")}
+                                                                      for v in r["reviews"]]}
+                       for r in rec["rounds"]],
+            "final_error_detection": rec["final_eval"]["error_detection"],
+            "seconds": rec["seconds"], "cpu_seconds": rec.get("cpu_seconds"),
+        }
+    return {"seed": seed, "data": str(data), "teacher": res["teacher"], "summary": res["summary"], "arms": arms,
+            "teacher_error_detection": res["teacher_eval"]["error_detection"],
+            "teacher_found_curve": res["teacher_eval"]["found_curve"], "seconds": res["seconds"],
+            "cpu_seconds": res["cpu_seconds"]}
+
+
+def run_profile(profile: Profile, work: Path, seeds: list[int], threads: int, data: str | None = None,
+                la_source: str | None = None, arms: list[str] | None = None) -> dict:
+    from benchmarks.experiment import environment
+
+    runs, t0 = [], time.time()
+    result = None
+    for seed in seeds:
+        if profile.name == "la":
+            folder = Path(data) if data else _la(work, la_source)
+        else:
+            folder = Path(data) if data else _phantoms(work, seed)
+        loop = dict(profile.loop)
+        if arms:
+            loop["arms"] = arms
+        cfg = LoopConfig(**loop, seed=seed, threads=threads)
+        run_dir = work / "loop" / profile.name / f"s{seed}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        console = Console()
+        console(f"[bench-loop] profile {profile.name}, seed {seed}, data {folder}")
+        res = run_loop(folder, run_dir, cfg, console)
+        runs.append(_run_record(seed, folder, res))
+        result = {"profile": profile.name, "description": profile.description, "config": cfg.to_dict() | {"seed": None},
+                  "seeds": [r["seed"] for r in runs], "environment": environment(), "runs": runs,
+                  "aggregate": aggregate(runs), "seconds": round(time.time() - t0, 1),
+                  "cpu_seconds": round(sum(r["cpu_seconds"] for r in runs), 1)}
+        _write(result, profile.out_name)
+    return result
+
+
+def main(argv=None) -> int:
+    import torch
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default="quick", choices=sorted(PROFILES))
+    ap.add_argument("--seeds", type=int, nargs="+", default=None)
+    ap.add_argument("--arms", nargs="+", default=None)
+    ap.add_argument("--work", default="benchmarks/work")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process (1 is fastest on a shared machine)")
+    ap.add_argument("--data", default=None, help="an imported data-set folder instead of the profile's")
+    ap.add_argument("--la-source", default=None, help="the LA2018 h5 layout (default ../shared/data/LA2018)")
+    ap.add_argument("--render", default=None, metavar="JSON", help="only rewrite the markdown of a result JSON")
+    args = ap.parse_args(argv)
+    if args.render:
+        print(render(args.render))
+        return 0
+    torch.set_num_threads(args.threads)
+    profile = PROFILES[args.profile]
+    result = run_profile(profile, Path(args.work), args.seeds or profile.seeds, args.threads, args.data,
+                         args.la_source, args.arms)
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
