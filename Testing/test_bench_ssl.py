@@ -134,3 +134,11 @@ def test_method_options_come_from_the_profile_and_the_command_line(tmp_path):
     assert by == {"full": {}, "supervised": {}, "brl": {"beta": 0.5, "consistency_weight": 0.1}, "sgrs": {"consistency_weight": 0.3}}
     with pytest.raises(ValueError, match="METHOD:KEY=VALUE"):
         method_options(p, argparse.Namespace(method_option=["beta=0.5"]))
+
+
+def test_the_harness_finds_the_repository_it_lives_in():
+    """Default data and result paths are relative to the repository root (benchmarks/ sits directly under it)."""
+    from benchmarks import loop, ssl_methods, uncertainty
+
+    for root in (loop.REPO, ssl_methods.REPO, uncertainty.ROOT):
+        assert (root / "benchmarks" / "results").is_dir() and (root / "SSLSegmentLib").is_dir(), root

@@ -4,10 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from SSLSegmentLib.data.volume import Geometry, Volume
-from SSLSegmentLib.ml.inference import predict_volume
-from SSLSegmentLib.ml.networks import build_network
+from SSLSegmentLib.data import contract
 from SSLSegmentLib.data.regions import find_review_regions, visited_mask
+from SSLSegmentLib.data.volume import Geometry, Volume
+from SSLSegmentLib.ml.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
+from SSLSegmentLib.ml.inference import UNCERTAINTY_KINDS, Predictor, predict_volume
+from SSLSegmentLib.ml.networks import build_network
 
 
 def test_predicts_any_size_volume_in_its_own_grid(tiny_net_config):
@@ -27,6 +29,65 @@ def test_predicts_any_size_volume_in_its_own_grid(tiny_net_config):
     # One deterministic pass has no spread between passes, so no epistemic part.
     assert np.allclose(single.mutual_information, 0.0) and single.estimator == "plain"
     assert np.allclose(single.probabilities, predict_volume(net, vol, (16, 32, 32), passes=1, device="cpu").probabilities)
+
+
+def test_the_served_maps_are_the_contract_kinds_and_variance_only_on_request(tiny_net_config):
+    """Which uncertainty maps exist has one owner (data.contract); inference adds the class variance, ML side only."""
+    assert UNCERTAINTY_KINDS[:-1] == contract.UNCERTAINTY_KINDS and UNCERTAINTY_KINDS[-1] == "variance"
+    torch.manual_seed(0)
+    vol = Volume(np.random.default_rng(1).standard_normal((16, 32, 32)).astype(np.float32))
+    pred = predict_volume(build_network(tiny_net_config), vol, (16, 32, 32), passes=2, device="cpu")
+    assert list(pred.volumes(vol)) == ["label", "probability", *contract.UNCERTAINTY_KINDS]
+    assert list(pred.volumes(vol, with_variance=True)) == ["label", "probability", *UNCERTAINTY_KINDS]
+    with pytest.raises(ValueError, match="uncertainty kind"):
+        pred.uncertainty("confidence")
+
+
+def _checkpoint(net, config, patch) -> dict:
+    return {"format": CHECKPOINT_FORMAT, "model": net.state_dict(), "network": config.to_dict(),
+            "train_config": {"patch_size": list(patch)}}
+
+
+def test_predictor_takes_the_checkpoints_patch_size_and_its_settings(tiny_net_config, tmp_path):
+    """A Predictor from a checkpoint infers with the window the model was trained with; its settings are fixed at
+    construction, and a call is predict_volume with those settings (or one overridden for that call)."""
+    torch.manual_seed(0)
+    net = build_network(tiny_net_config).eval()
+    patch = (8, 16, 24)  # not TrainConfig's default, so a fallback would show
+    path = save_checkpoint(_checkpoint(net, tiny_net_config, patch), tmp_path / "v0001.pt")
+    vol = Volume(np.random.default_rng(2).standard_normal((20, 37, 29)).astype(np.float32), Geometry((0.8, 0.9, 2.0)))
+
+    predictor = Predictor.from_checkpoint(path, device="cpu", version="v0001", passes=4, overlap=0.5, seed=3)
+    assert predictor.patch_size == patch and predictor.version == "v0001"
+    assert (predictor.passes, predictor.overlap) == (4, 0.5)
+    got = predictor(vol)
+    want = predict_volume(net, vol, patch, passes=4, overlap=0.5, seed=3, device="cpu")
+    assert got.estimator == want.estimator == "head_mc" and got.passes == 4
+    for name in ("label", "probabilities", "entropy", "mutual_information", "variance"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
+    plain = predictor(vol, passes=1)  # an override holds for that call only
+    np.testing.assert_array_equal(plain.probabilities,
+                                  predict_volume(net, vol, patch, passes=1, overlap=0.5, device="cpu").probabilities)
+    assert plain.estimator == "plain" and predictor(vol).passes == 4
+    same = Predictor.from_checkpoint(_checkpoint(net, tiny_net_config, patch), device="cpu", passes=4, overlap=0.5,
+                                     seed=3)  # a checkpoint already loaded
+    np.testing.assert_array_equal(same(vol).entropy, got.entropy)
+
+
+def test_predictor_checks_its_settings_when_built(tiny_net_config):
+    net = build_network(tiny_net_config)
+    with pytest.raises(TypeError, match="unknown predict_volume setting"):
+        Predictor(net, (16, 32, 32), device="cpu", pases=4)
+    with pytest.raises(ValueError, match="patch_size"):
+        Predictor(net, (16, 32), device="cpu")
+    with pytest.raises(ValueError, match="passes"):
+        Predictor(net, (16, 32, 32), passes=0, device="cpu")
+    with pytest.raises(ValueError, match="overlap"):
+        Predictor(net, (16, 32, 32), overlap=1.0, device="cpu")
+    with pytest.raises(TypeError, match="unknown predict_volume setting"):
+        Predictor(net, (16, 32, 32), device="cpu")(np.zeros((16, 32, 32), np.float32), patch_size=(8, 8, 8))
+    with pytest.raises(ValueError, match="train_config.patch_size"):
+        Predictor.from_checkpoint({**_checkpoint(net, tiny_net_config, (16, 32, 32)), "train_config": {}}, device="cpu")
 
 
 def test_regions_are_ranked_by_summed_uncertainty():

@@ -50,6 +50,78 @@ def test_masked_dice_matches_hand_computation():
     assert masked_dice_loss(perfect, y, torch.ones_like(m)).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def _reference_dices(probs, target, mask, smooth):
+    """The two masked soft Dice losses the methods used before they became one function, written out: the V-Net /
+    UA-MT form (squared denominator, foreground classes, batch pooled) and nnU-Net's (per sample and class)."""
+    onehot = torch.nn.functional.one_hot(target[:, 0], probs.shape[1]).movedim(-1, 1).float()
+    losses = []
+    for c in range(1, probs.shape[1]):
+        p, y = probs[:, c : c + 1] * mask, onehot[:, c : c + 1] * mask
+        losses.append(1.0 - (2.0 * (p * y).sum() + smooth) / ((p * p).sum() + y.sum() + smooth))
+    squared = torch.stack(losses).mean()
+    axes = tuple(range(2, probs.dim()))
+    tp = (probs * onehot * mask).sum(axes)
+    fp = (probs * (1 - onehot) * mask).sum(axes)
+    fn = ((1 - probs) * onehot * mask).sum(axes)
+    nnunet = 1.0 - ((2 * tp + smooth) / (2 * tp + fp + fn + smooth + 1e-8)).mean()
+    return squared, nnunet
+
+
+@pytest.mark.parametrize("batch_size,fraction", [(1, 0.5), (2, 0.01), (4, 1.0), (3, 0.3)])
+def test_one_masked_dice_gives_the_methods_losses_and_gradients_bit_for_bit(batch_size, fraction):
+    """Every method's Dice terms go through masked_dice_loss; for two classes it reproduces both earlier losses
+    exactly, values and gradients, so method results do not move."""
+    g = torch.Generator().manual_seed(batch_size)
+    shape = (batch_size, 2, 6, 10, 12)
+    logits = torch.randn(shape, generator=g, requires_grad=True)
+    target = torch.randint(0, 2, (batch_size, 1, *shape[2:]), generator=g)
+    mask = (torch.rand(batch_size, 1, *shape[2:], generator=g) < fraction).float()
+    mask[0] = 0.0  # a sample without voxels in the region
+    probs = logits.softmax(1)
+    for smooth in (1e-5, 1.0, 20.0):
+        squared, nnunet = _reference_dices(probs, target, mask, smooth)
+        ours = masked_dice_loss(probs, target, mask, smooth)
+        ours_nn = masked_dice_loss(probs, target, mask, smooth, squared_pred=False, include_background=True, batch=False)
+        if smooth >= 1.0:  # nnU-Net's extra 1e-8 is below float32 resolution once the smoothing is >= 1
+            assert torch.equal(ours_nn, nnunet)
+            assert torch.equal(*(torch.autograd.grad(v, logits, retain_graph=True)[0] for v in (ours_nn, nnunet)))
+        assert torch.equal(ours, squared)
+        assert torch.equal(*(torch.autograd.grad(v, logits, retain_graph=True)[0] for v in (ours, squared)))
+
+
+def test_masked_dice_means_what_monai_means():
+    """Same definitions as MONAI's MaskedDiceLoss with the same argument names (MONAI sums in another order, so the
+    agreement is to float rounding, which is why the methods use their own)."""
+    from monai.losses import MaskedDiceLoss
+
+    g = torch.Generator().manual_seed(0)
+    probs = torch.randn(2, 2, 8, 8, 8, generator=g).softmax(1)
+    target = torch.randint(0, 2, (2, 1, 8, 8, 8), generator=g)
+    mask = (torch.rand(2, 1, 8, 8, 8, generator=g) < 0.6).float()
+    # one-hot first: MONAI masks the target before its own one-hot, which would make masked voxels background truth
+    onehot = torch.nn.functional.one_hot(target[:, 0], 2).movedim(-1, 1).float()
+    for squared, background, batch in ((True, False, True), (False, True, False)):
+        monai = MaskedDiceLoss(include_background=background, squared_pred=squared, batch=batch,
+                               smooth_nr=1.0, smooth_dr=1.0)(probs, onehot, mask)
+        ours = masked_dice_loss(probs, target, mask, 1.0, squared_pred=squared, include_background=background,
+                                batch=batch)
+        assert ours.item() == pytest.approx(monai.item(), rel=1e-5)
+
+
+def test_masked_dice_checks_its_arguments_and_is_zero_on_an_empty_mask():
+    probs = torch.full((1, 2, 2, 2, 2), 0.5, requires_grad=True)
+    y = torch.ones(1, 1, 2, 2, 2, dtype=torch.long)
+    empty = torch.zeros(1, 1, 2, 2, 2)
+    loss = masked_dice_loss(probs, y, empty, smooth=0.0)
+    assert loss.item() == 0.0 and loss.requires_grad
+    with pytest.raises(ValueError, match="target"):
+        masked_dice_loss(probs, y[:, 0], empty)
+    with pytest.raises(ValueError, match="mask"):
+        masked_dice_loss(probs, y, empty[0])
+    with pytest.raises(ValueError, match="smooth"):
+        masked_dice_loss(probs, y, empty, smooth=-1.0)
+
+
 def test_supervised_loss_ignores_unlabeled_voxels():
     torch.manual_seed(0)
     logits = torch.randn(2, 2, 4, 4, 4)

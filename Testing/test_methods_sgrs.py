@@ -8,7 +8,7 @@ from torch import nn
 
 from conftest import assert_learned, train_tiny
 from SSLSegmentLib.ml.methods.base import StepContext
-from SSLSegmentLib.ml.methods.sgrs import SGRS, soft_dice_loss
+from SSLSegmentLib.ml.methods.sgrs import SGRS
 
 
 def _two(p_fg) -> torch.Tensor:
@@ -21,6 +21,7 @@ def _v(values, dtype=torch.float32) -> torch.Tensor:
 
 
 def test_soft_dice_is_nnunet_per_class_with_background_and_smoothing():
+    soft_dice_loss = SGRS.soft_dice  # the one masked Dice (losses.masked_dice_loss) in its nnU-Net form
     probs = _two([0.9, 0.2, 0.6])
     y = _v([1, 0, 1], torch.long)
     mask = _v([1.0, 1.0, 0.0])

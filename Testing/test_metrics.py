@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from SSLSegmentLib.ml.metrics import binary_metrics, summarize
+from SSLSegmentLib.ml.metrics import binary_metrics, dice, summarize
 
 
 def _surface_points(mask, spacing):
@@ -81,3 +81,16 @@ def test_empty_prediction_reports_undefined_distances_and_summary_counts_them():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="shape"):
         binary_metrics(np.zeros((2, 2, 2)), np.zeros((2, 2, 3)))
+    with pytest.raises(ValueError, match="shape"):
+        dice(np.zeros((2, 2, 2)), np.zeros((2, 2, 3)))
+
+
+def test_the_one_dice_of_two_masks():
+    """dice() is what validation, the benchmarks and the reports use; binary_metrics reports the same number."""
+    truth = _cube((8, 8, 8), (2, 2, 2), (6, 6, 6))  # 64 voxels
+    pred = _cube((8, 8, 8), (3, 2, 2), (7, 6, 6))  # shifted by one: 48 shared
+    assert dice(pred, truth) == pytest.approx(2 * 48 / 128) == binary_metrics(pred, truth).dice
+    assert dice(truth, truth) == 1.0 and dice(np.zeros_like(truth), truth) == 0.0
+    assert dice(np.zeros_like(truth), np.zeros_like(truth)) == 1.0  # nothing to find, nothing found
+    assert dice(2 * truth.astype(np.uint8), truth) == 1.0  # any nonzero value is foreground
+    assert isinstance(dice(pred, truth), float)

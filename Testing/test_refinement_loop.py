@@ -47,10 +47,11 @@ def base(tmp_path_factory, tiny_dataset):
 
 
 def _backend(base_dir, dest):
-    from training.server import start_backend
+    from SSLSegmentLib.review.local_backend import LocalBackend
 
     shutil.copytree(base_dir, dest, ignore=shutil.ignore_patterns("logs"))
-    return start_backend(dest, worker_args=["--threads", "1", "--poll", "0.3"], env={"OMP_NUM_THREADS": "1"})
+    return LocalBackend(dest, worker_args=["--threads", "1", "--poll", "0.3"],
+                        env_overrides={"OMP_NUM_THREADS": "1"}).start().wait_until_ready()
 
 
 def _accuracy_on(model, image, truth, mask) -> float:
@@ -62,14 +63,12 @@ def _accuracy_on(model, image, truth, mask) -> float:
 
 
 def _test_dice(model, ds) -> float:
-    from SSLSegmentLib.ml.inference import predict_volume
+    from SSLSegmentLib.ml.inference import Predictor
+    from SSLSegmentLib.ml.metrics import dice
 
-    out = []
-    for cid in ds.splits["test"]:
-        image, label = ds.load_pair(cid)
-        p, t = predict_volume(model, image.array, TINY_PATCH, passes=1, device="cpu").label > 0, label.array > 0
-        out.append(2.0 * (p & t).sum() / max(int(p.sum() + t.sum()), 1))
-    return float(np.mean(out))
+    predictor = Predictor(model, TINY_PATCH, passes=1, device="cpu")
+    return float(np.mean([dice(predictor(image.array).label > 0, label.array > 0)
+                          for image, label in map(ds.load_pair, ds.splits["test"])]))
 
 
 def test_guided_correction_goes_through_the_backend_and_is_folded_into_retraining(base, tiny_dataset, tmp_path):

@@ -8,6 +8,7 @@ import torch
 
 from conftest import TINY_NET, TINY_PATCH, assert_learned
 from SSLSegmentLib.data.dataset import DataSet
+from SSLSegmentLib.ml.checkpoint import checkpoint_patch_size
 from SSLSegmentLib.ml.trainer import (
     TrainConfig,
     Trainer,
@@ -52,6 +53,18 @@ def test_checkpoint_carries_config_seed_data_and_metrics(tiny_dataset, tmp_path)
     net, _ = model_from_checkpoint(tmp_path / "last.pt")
     assert sum(p.numel() for p in net.parameters()) > 0
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_the_patch_size_of_a_checkpoint_has_one_accessor(tiny_dataset, tmp_path):
+    train, val = _data(tiny_dataset)
+    Trainer(_config(iterations=2, val_interval=2), train, val, out_dir=tmp_path).fit()
+    ckpt = load_checkpoint(tmp_path / "last.pt")
+    assert checkpoint_patch_size(ckpt) == TINY_PATCH
+    for broken in ({**ckpt, "train_config": {}}, {k: v for k, v in ckpt.items() if k != "train_config"}):
+        with pytest.raises(ValueError, match="no train_config.patch_size"):  # never a silent default window
+            checkpoint_patch_size(broken)
+    with pytest.raises(ValueError, match="three positive sizes"):
+        checkpoint_patch_size({**ckpt, "train_config": {"patch_size": [16, 32]}})
 
 
 def test_loading_refuses_pickled_code_and_truncated_files(tmp_path):

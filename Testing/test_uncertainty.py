@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from conftest import TINY_NET
-from SSLSegmentLib.ml.inference import Prediction, predict_volume
+from SSLSegmentLib.ml.inference import UNCERTAINTY_KINDS, Prediction, predict_volume
 from SSLSegmentLib.ml.networks import build_network
 from SSLSegmentLib.ml.uncertainty import (
     DEFAULT_ESTIMATOR,
@@ -196,7 +196,7 @@ def test_every_estimator_gives_maps_in_unit_range(estimator):
     assert isinstance(pred, Prediction) and pred.estimator == estimator
     assert pred.probabilities.shape == (2, *image.shape) and pred.label.shape == image.shape
     np.testing.assert_allclose(pred.probabilities.sum(0), 1.0, atol=1e-5)
-    for kind in ("entropy", "mutual_information", "variance"):
+    for kind in UNCERTAINTY_KINDS:
         u = pred.uncertainty(kind)
         assert u.shape == image.shape and u.dtype == np.float32
         assert u.min() >= 0.0 and u.max() <= 1.0

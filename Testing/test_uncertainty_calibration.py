@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import TINY_PATCH
-from SSLSegmentLib.ml.inference import predict_volume
+from SSLSegmentLib.ml.inference import Predictor, predict_volume
+from SSLSegmentLib.ml.metrics import dice as dice_of
 from SSLSegmentLib.ml.uncertainty import (
     Calibration,
     apply_temperature,
@@ -123,12 +124,8 @@ def test_trained_network_uncertainty_points_at_its_errors(tiny_dataset, tiny_net
     test_pairs = [ds.load_pair(c) for c in ds.splits["test"]]
 
     def dice(model):
-        out = []
-        for image, label in test_pairs:
-            pred = predict_volume(model, image, TINY_PATCH, passes=1, device="cpu")
-            p, t = pred.label > 0, label.array > 0
-            out.append(2 * np.logical_and(p, t).sum() / max(p.sum() + t.sum(), 1))
-        return float(np.mean(out))
+        return float(np.mean([dice_of(predict_volume(model, image, TINY_PATCH, passes=1, device="cpu").label > 0,
+                                      label.array > 0) for image, label in test_pairs]))
 
     dice_before = dice(trainer.student)
     trainer.fit()
@@ -145,7 +142,7 @@ def test_trained_network_uncertainty_points_at_its_errors(tiny_dataset, tiny_net
     assert quality["auroc"] > 0.75
     assert quality["top5_recall"] > 0.2  # the top 5% hold far more than 5% of the errors
 
-    cal = calibrate(model, [s.image for s in val], [s.label for s in val], TINY_PATCH, passes=4, device="cpu")
+    cal = calibrate(Predictor(model, TINY_PATCH, passes=4, device="cpu"), [s.image for s in val], [s.label for s in val])
     assert cal.estimator == "head_mc" and cal.n_voxels == sum(s.label.size for s in val)
     assert cal.nll_after <= cal.nll_before + 1e-9
     image, _ = test_pairs[0]

@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 
 from SSLSegmentLib.data.dataset import DataSet
-from SSLSegmentLib.ml.evaluation import evaluate_model
-from SSLSegmentLib.ml.trainer import TrainConfig, Trainer, model_from_checkpoint
+from SSLSegmentLib.ml.evaluation import EVAL_OVERLAP, evaluate_model
+from SSLSegmentLib.ml.inference import Predictor
+from SSLSegmentLib.ml.trainer import TrainConfig, Trainer
 
 
 def run_experiment(
@@ -61,11 +62,10 @@ def run_experiment(
     if evaluate_split:
         ids = list(test_ids if test_ids is not None else ds.splits[evaluate_split])
         t0 = time.time()
-        model, _ = model_from_checkpoint(out_dir / "best.pt", device=trainer.device)
-        result["test"] = evaluate_model(model, ds, ids, config.patch_size, device=trainer.device)
-        if evaluate_last:
-            model, _ = model_from_checkpoint(out_dir / "last.pt", device=trainer.device)
-            result["test_last"] = evaluate_model(model, ds, ids, config.patch_size, device=trainer.device)
+        checkpoints = {"test": "best.pt", **({"test_last": "last.pt"} if evaluate_last else {})}
+        for key, name in checkpoints.items():
+            predictor = Predictor.from_checkpoint(out_dir / name, device=trainer.device, overlap=EVAL_OVERLAP)
+            result[key] = evaluate_model(predictor, ds, ids)
         result["test"]["split"] = evaluate_split if test_ids is None else "given"
         result["test"]["seconds"] = time.time() - t0
     (out_dir / "result.json").write_text(json.dumps(result, indent=2))

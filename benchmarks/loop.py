@@ -29,7 +29,7 @@ import numpy as np
 from benchmarks.refinement import Console, LoopConfig, finetune_params, gain_ratio, run_loop
 
 RESULTS = Path("benchmarks/results")
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 MAIN_ARMS = ["uncertainty", "random", "boundary", "oracle", "none", "uncertainty-full-label"]
 
 

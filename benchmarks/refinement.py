@@ -59,8 +59,8 @@ def finetune_params(iterations: int = 60) -> dict:
     """POST /train parameters of a retrain after a round of corrections.
 
     A gentle fine-tune: a low constant learning rate and the EMA teacher's weights published (eval_model="teacher"),
-    because a short fine-tune of the student at the teacher's learning rate moves test Dice by ±2 points from seed to
-    seed on phantoms (docs/refinement.md), more than a round of corrections changes it."""
+    because a short fine-tune of the student at the teacher's learning rate moves test Dice from seed to seed by more
+    than a round of corrections changes it (docs/refinement.md, "Retraining after corrections")."""
     return {"iterations": int(iterations), "lr": 0.003, "lr_schedule": "constant", "eval_model": "teacher",
             "val_interval": max(1, int(iterations) // 2)}
 
@@ -194,8 +194,8 @@ class TestEvaluator:
         return self._pairs[case_id]
 
     def evaluate(self, client, version: str, scratch: Path) -> dict:
-        from SSLSegmentLib.ml.inference import predict_volume
-        from SSLSegmentLib.ml.trainer import model_from_checkpoint
+        from SSLSegmentLib.ml.inference import Predictor
+        from SSLSegmentLib.ml.metrics import dice
         from SSLSegmentLib.ml.uncertainty.quality import error_detection
 
         sha = next((m["sha256"] for m in client.models() if m["version"] == version), None)
@@ -205,15 +205,13 @@ class TestEvaluator:
             return {**self._cache[sha], "version": version}
         t0 = time.time()
         path = client.download_weights(version, Path(scratch) / f"{sha[:16]}.pt")
-        model, ckpt = model_from_checkpoint(path, device=self.device)
-        patch = tuple(ckpt.get("train_config", {}).get("patch_size", (32, 48, 48)))
+        predictor = Predictor.from_checkpoint(path, device=self.device, passes=self.passes)
         dices, uncert, wrong = {}, [], []
         for cid in self.case_ids:
             image, truth = self.pair(cid)
-            pred = predict_volume(model, image, patch, passes=self.passes, device=self.device)
+            pred = predictor(image)
             label = (pred.label > 0).astype(np.uint8)
-            s = int(label.sum()) + int(truth.sum())
-            dices[cid] = 1.0 if s == 0 else 2.0 * float(np.logical_and(label, truth).sum()) / s
+            dices[cid] = dice(label, truth)
             uncert.append(pred.entropy.reshape(-1).astype(np.float32))
             wrong.append((label != truth).reshape(-1))
             if cid == self.detail_case:
@@ -255,12 +253,12 @@ class TestEvaluator:
 
 # -- the loop --------------------------------------------------------------------------------------------------------
 def _start(store_dir: Path, cfg: LoopConfig, console: Console):
-    from training.server import start_backend
+    from SSLSegmentLib.review.local_backend import LocalBackend
 
     try:
-        return start_backend(store_dir, worker_args=["--threads", str(cfg.threads), "--poll", "0.3"],
-                             env={"OMP_NUM_THREADS": str(cfg.threads)}, timeout=240)
-    except RuntimeError as exc:
+        return LocalBackend(store_dir, worker_args=["--threads", str(cfg.threads), "--poll", "0.3"],
+                            env_overrides={"OMP_NUM_THREADS": str(cfg.threads)}).start().wait_until_ready(timeout=240)
+    except (RuntimeError, TimeoutError) as exc:
         raise LoopError(f"the backend for {store_dir} did not start: {exc}") from None
 
 

@@ -157,6 +157,8 @@ def _error_rgba(pred2d, truth2d):
 
 def plot_heatmap(detail: dict, result: dict, path: Path) -> str | None:
     """One test case before and after the rounds: segmentation, uncertainty heatmap, errors."""
+    from SSLSegmentLib.ml.metrics import dice
+
     before, after = detail.get("before"), detail.get("after")
     if before is None or after is None:
         return None
@@ -172,13 +174,11 @@ def plot_heatmap(detail: dict, result: dict, path: Path) -> str | None:
     for r, (name, d) in enumerate(rows):
         lab, unc = d["label"], d["entropy"]
         wrong = int((lab != truth).sum())
-        s = int(lab.sum()) + int(truth.sum())
-        dice = 1.0 if s == 0 else 2.0 * float(np.logical_and(lab > 0, truth > 0).sum()) / s
         a = axes[r, 0]
         _gray(a, image[z])
         _contour(a, truth[z] > 0, "#00d060", 2.0)
         _contour(a, lab[z] > 0, "#ff00ff", 1.4, "--")
-        a.set_title(f"{name}\nDice {100 * dice:.1f} %  (green truth, magenta model)", fontsize=10.5)
+        a.set_title(f"{name}\nDice {100 * dice(lab > 0, truth > 0):.1f} %  (green truth, magenta model)", fontsize=10.5)
         a = axes[r, 1]
         _gray(a, image[z])
         im = _heat(a, unc[z])

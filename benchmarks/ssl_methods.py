@@ -41,7 +41,7 @@ from benchmarks.experiment import environment, run_experiment
 RESULTS = Path("benchmarks/results")
 METRICS = ("dice", "jaccard", "hd95_vox", "asd_vox")
 DEFAULT_METHODS = ["supervised", "full", "mean-teacher", "ua-mt", "ug-mcl", "sgrs", "lcc", "brl"]
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -130,10 +130,9 @@ PROFILES: dict[str, Profile] = {
         n_labeled=[4, 8],
         config=dict(
             network=NetworkConfig().to_dict(),
-            # 48×48×32 rather than 64×64×40: measured on 2 cores, 64×64×40 leaves ~200 iterations per run inside
-            # the 90-minute budget of quick + la-quick; the smaller patch leaves ~700 (Σ 9.9 CPU s per iteration over
-            # the 15 runs, cost-la-quick-cpu.md). lr 0.03 rather than 0.1: validation Dice 85.5 vs 67.7 (supervised,
-            # 8 labeled, 700 iterations, seed 0).
+            # Patch and iterations sized to the CPU budget of quick + la-quick from the measured cost per iteration
+            # (benchmarks/results/cost-la-quick*-cpu.md): a larger patch would leave too few iterations to learn.
+            # lr 0.03 chosen on the validation split. Both in docs/methods.md, "la-quick".
             patch_size=(32, 48, 48),
             batch_labeled=2,
             batch_unlabeled=2,
@@ -147,9 +146,9 @@ PROFILES: dict[str, Profile] = {
         notes=[
             "4 and 8 labeled are the first cases of train.list (5% and 10% of the 80 of the standard protocol).",
         ],
-        # Chosen on the validation split (benchmarks/results/tuning-la-quick-validation.json): with its default
-        # β = 1, brl collapsed on one seed of three at 4 labeled; 0.3 did not and had the best mean over 4 and 8.
-        # With β = 0.3, consistency weight 0.1 rather than 1 raised its validation Dice at 4 and 8 labeled (seed 0).
+        # Chosen on the validation split (benchmarks/results/tuning-la-quick-validation.json): brl's default β is
+        # unstable with this few fully labeled cases of real MRI, and the lower consistency weight suits the lower β
+        # (docs/methods.md, "brl's β").
         method_options={"brl": {"beta": 0.3, "consistency_weight": 0.1}},
     ),
     "paper": Profile(
@@ -174,8 +173,8 @@ PROFILES: dict[str, Profile] = {
         make_data=lambda work, args: Path(args.data) if getattr(args, "data", None) else _phantom_data(
             work, 80, 10, 20, (88, 144, 176), spacing=(0.625, 0.625, 0.625), workers=max(1, getattr(args, "jobs", 1)) * 3
         ),
-        # MONAI's window step is int(roi·(1 − overlap)): 0.84 gives 17 voxels in-plane (the seeds use 18) and 12 in z
-        # (they use 4, which costs 3× more windows for a fraction of a Dice point).
+        # MONAI's window step is int(roi·(1 − overlap)): 0.84 comes within a voxel of the seeds' in-plane step and
+        # keeps a coarser step in z than theirs, which would triple the windows (docs/methods.md, "paper").
         eval_overlap=0.84,
         evaluate_last=True,
     ),
@@ -218,7 +217,7 @@ def _run_one(task: dict) -> dict:
     """Train one method (in this process or a worker) and evaluate best.pt (and last.pt) on the test cases."""
     from SSLSegmentLib.data.dataset import DataSet
     from SSLSegmentLib.ml.evaluation import evaluate_model
-    from SSLSegmentLib.ml.trainer import model_from_checkpoint
+    from SSLSegmentLib.ml.inference import Predictor
 
     torch.set_num_threads(task["threads"])
     if torch.cuda.is_available():
@@ -251,8 +250,8 @@ def _run_one(task: dict) -> dict:
     t1 = time.time()
     device = pick_device(cfg.device)
     for which in ("best", "last") if task["evaluate_last"] else ("best",):
-        model, _ = model_from_checkpoint(out_dir / f"{which}.pt", device=device)
-        ev = evaluate_model(model, ds, test_ids, cfg.patch_size, overlap=task["eval_overlap"], device=device)
+        predictor = Predictor.from_checkpoint(out_dir / f"{which}.pt", device=device, overlap=task["eval_overlap"])
+        ev = evaluate_model(predictor, ds, test_ids)
         s = ev["summary"]
         key = "test" if which == "best" else "test_last"
         row[key] = {k: s[k]["mean"] for k in METRICS}

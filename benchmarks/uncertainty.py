@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 VOLUME_SHAPE = (96, 128, 128)
 DATA_SHAPE = (40, 64, 64)
@@ -359,7 +359,8 @@ def _summarise_speed(raw: dict) -> dict:
 # -- error detection -------------------------------------------------------------------------------------------------
 def quality(data: Path, model_paths: list[str], log) -> dict:
     from SSLSegmentLib.data.dataset import DataSet
-    from SSLSegmentLib.ml.inference import predict_volume
+    from SSLSegmentLib.ml.inference import UNCERTAINTY_KINDS, predict_volume
+    from SSLSegmentLib.ml.metrics import dice as dice_of
     from SSLSegmentLib.ml.uncertainty import (
         apply_temperature,
         calibration_from_predictions,
@@ -384,21 +385,15 @@ def quality(data: Path, model_paths: list[str], log) -> dict:
         seconds = time.time() - t0
         labels = [lab.array for _, lab in test]
         errors = [p.label != y for p, y in zip(preds, labels)]
-        ent = error_detection([p.entropy for p in preds], errors)
-        mi = error_detection([p.mutual_information for p in preds], errors)
-        var = error_detection([p.uncertainty("variance") for p in preds], errors)
-        dice = []
-        for p, y in zip(preds, labels):
-            a, b = p.label > 0, y > 0
-            dice.append(2.0 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1))
+        det = {kind: error_detection([p.uncertainty(kind) for p in preds], errors) for kind in UNCERTAINTY_KINDS}
+        ent, mi = det["entropy"], det["mutual_information"]
+        dice = [dice_of(p.label > 0, y > 0) for p, y in zip(preds, labels)]
         probs = [p.probabilities for p in preds]
         out[name] = {
             "passes": preds[0].passes,
             "dice": round(float(np.mean(dice)), 4),
             "error_rate": round(ent["error_rate"], 5),
-            "auroc_entropy": round(ent["auroc"], 4),
-            "auroc_mutual_information": round(mi["auroc"], 4),
-            "auroc_variance": round(var["auroc"], 4),
+            **{f"auroc_{kind}": round(d["auroc"], 4) for kind, d in det.items()},
             "top5_recall_entropy": round(ent["top5_recall"], 4),
             "top5_precision_entropy": round(ent["top5_precision"], 4),
             "top5_recall_mutual_information": round(mi["top5_recall"], 4),
@@ -418,20 +413,20 @@ def quality(data: Path, model_paths: list[str], log) -> dict:
 
 def head_mc_seed_spread(model, test, patch, log, seeds=range(5)) -> dict:
     """Head MC's error detection over several mask seeds, with balanced and with independent masks."""
+    from SSLSegmentLib.data.contract import UNCERTAINTY_KINDS
     from SSLSegmentLib.ml.inference import predict_volume
     from SSLSegmentLib.ml.uncertainty import error_detection
 
     labels = [lab.array for _, lab in test]
     out = {}
     for mode, balanced in (("balanced", True), ("independent", False)):
-        vals: dict[str, list[float]] = {"auroc_entropy": [], "top5_recall_entropy": [], "auroc_mutual_information": [],
-                                        "top5_recall_mutual_information": []}
+        vals: dict[str, list[float]] = {f"{m}_{k}": [] for k in UNCERTAINTY_KINDS for m in ("auroc", "top5_recall")}
         for seed in seeds:
             preds = [predict_volume(model, img, patch, passes=PASSES, estimator="head_mc", device="cpu", seed=seed,
                                     balanced_masks=balanced) for img, _ in test]
             errors = [p.label != y for p, y in zip(preds, labels)]
-            for kind in ("entropy", "mutual_information"):
-                d = error_detection([getattr(p, kind) for p in preds], errors)
+            for kind in UNCERTAINTY_KINDS:
+                d = error_detection([p.uncertainty(kind) for p in preds], errors)
                 vals[f"auroc_{kind}"].append(d["auroc"])
                 vals[f"top5_recall_{kind}"].append(d["top5_recall"])
         out[mode] = {k: {"mean": round(float(np.mean(v)), 4), "sd": round(float(np.std(v, ddof=1)), 4),
@@ -597,8 +592,8 @@ def conclusion(res: dict) -> str:
         if worse:
             parts.append(f"The temperature fitted on the {res['quality']['val_cases']} validation cases lowers their ECE "
                          f"but raises the test ECE for {', '.join(worse)}: on this small phantom split the voxelwise "
-                         "ECE is already below 1 % and the fit does not transfer, so calibration stays optional and off "
-                         "by default.")
+                         f"test ECE is at most {100 * max(q[k]['test_ece_before'] for k in q):.2f} % before it and the "
+                         "fit does not transfer, so calibration stays optional and off by default.")
         mi = {k: q[k]["auroc_mutual_information"] for k in q if k != "plain"}
         parts.append("Only the sampling estimators give an epistemic map; mutual-information AUROC: "
                      + ", ".join(f"{k} {v:.4f}" for k, v in sorted(mi.items(), key=lambda kv: -kv[1])) + ".")
@@ -609,12 +604,14 @@ def conclusion(res: dict) -> str:
                  f"{rows['head_mc_batched']['cpu_s_best']:.2f} s all heads in one product; so passes run one after "
                  "another on a CPU (`DEFAULT_PASS_BATCH`).")
     if "plain_2_threads" in rows:
-        parts.append(f"Two torch threads made the plain forward {rows['plain_2_threads']['x_plain']:.1f}× slower than one "
-                     "on this shared 2-core machine.")
+        parts.append(f"Two torch threads made the plain forward {rows['plain_2_threads']['x_plain']:.1f}× as slow as one "
+                     f"on this shared {res['environment'].get('cpu_count')}-core machine.")
     parts.append(f"Default estimator (`SSLSegmentLib.ml.uncertainty.DEFAULT_ESTIMATOR`): {DEFAULT_ESTIMATOR}: it adds the "
-                 "epistemic maps at about the cost of one forward pass and finds errors as well as full MC dropout. "
-                 "Flips found errors best here (and raised Dice) at about 8× the cost on a CPU, so they are an explicit "
-                 "choice (`estimator=\"flips\"`), e.g. for offline re-scoring.")
+                 "epistemic maps at about the cost of one forward pass and finds errors as well as full MC dropout.")
+    if {"flips", "plain"} <= set(q) and "flips_sequential" in rows:
+        parts.append(f"Flips (entropy AUROC {q['flips']['auroc_entropy']:.4f}, Dice {q['flips']['dice']:.3f} against "
+                     f"{q['plain']['dice']:.3f} plain) cost {x('flips_sequential'):.1f}× a plain forward on this CPU, so "
+                     "they are an explicit choice (`estimator=\"flips\"`), e.g. for offline re-scoring.")
     return " ".join(parts)
 
 

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 from SSLSegmentLib.data.dataset import DataSet
-from SSLSegmentLib.ml.inference import predict_volume
+from SSLSegmentLib.ml.inference import Predictor
 from SSLSegmentLib.ml.metrics import binary_metrics, summarize
 
+# Test evaluation's sliding-window overlap: denser than the trainer's validation (TrainConfig.val_overlap), because
+# these are the numbers reported, and it runs once per model rather than every few hundred steps.
+EVAL_OVERLAP = 0.5
 
-def evaluate_model(model, dataset: DataSet, case_ids: list[str], patch_size, overlap: float = 0.5, device="auto",
-                   progress: bool = False) -> dict:
-    """Dice, Jaccard, HD95 and ASD (voxels and mm) for each case, foreground = every non-zero class."""
+
+def evaluate_model(predictor: Predictor, dataset: DataSet, case_ids: list[str], progress: bool = False) -> dict:
+    """Dice, Jaccard, HD95 and ASD (voxels and mm) for each case, foreground = every non-zero class.
+
+    predictor: the model with its window, overlap and device (e.g. `Predictor.from_checkpoint(path,
+    overlap=EVAL_OVERLAP)`); the segmentation is scored, so it runs one deterministic pass whatever its `passes`.
+    """
     rows = []
     iterator = case_ids
     if progress:
@@ -18,7 +25,7 @@ def evaluate_model(model, dataset: DataSet, case_ids: list[str], patch_size, ove
         iterator = tqdm(case_ids, desc="evaluate", unit="case")
     for cid in iterator:
         image, label = dataset.load_pair(cid)
-        pred = predict_volume(model, image.array, patch_size, passes=1, overlap=overlap, device=device)
+        pred = predictor(image.array, passes=1)
         spacing_zyx = tuple(image.geometry.spacing[::-1])
         rows.append({"case": cid, **binary_metrics(pred.label > 0, label.array > 0, spacing_zyx).to_dict()})
     return {"cases": rows, "summary": summarize(rows)}

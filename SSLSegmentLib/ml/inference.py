@@ -18,12 +18,14 @@ benchmarks/results/uncertainty.md for the measurements behind it). `passes=1` is
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from SSLSegmentLib.data import contract
 from SSLSegmentLib.data.volume import Volume
 from SSLSegmentLib.ml.uncertainty.calibration import Calibration
 from SSLSegmentLib.ml.uncertainty.estimators import (
@@ -37,7 +39,9 @@ from SSLSegmentLib.ml.uncertainty.estimators import (
     unwrap,
 )
 
-UNCERTAINTY_KINDS = ("entropy", "mutual_information", "variance")
+# The maps a reviewer can be shown (SSLSegmentLib.data.contract, shared with the backend and the Slicer side), plus the
+# class variance, which only the ML side computes.
+UNCERTAINTY_KINDS = (*contract.UNCERTAINTY_KINDS, "variance")
 
 __all__ = [
     "DEFAULT_ESTIMATOR",
@@ -87,14 +91,9 @@ class Prediction:
 
         with_variance adds "variance" (the largest class variance per voxel)."""
         fg = 1.0 - self.probabilities[0]
-        out = {
-            "label": like.like(self.label.astype(np.uint8)),
-            "probability": like.like(fg.astype(np.float32)),
-            "entropy": like.like(self.entropy.astype(np.float32)),
-            "mutual_information": like.like(self.mutual_information.astype(np.float32)),
-        }
-        if with_variance:
-            out["variance"] = like.like(self.uncertainty("variance").astype(np.float32))
+        out = {"label": like.like(self.label.astype(np.uint8)), "probability": like.like(fg.astype(np.float32))}
+        for kind in UNCERTAINTY_KINDS if with_variance else contract.UNCERTAINTY_KINDS:
+            out[kind] = like.like(self.uncertainty(kind).astype(np.float32))
         return out
 
 
@@ -116,9 +115,7 @@ def _stitch_device(compute: torch.device, voxels: int, channels: int, requested)
     return compute if need < 0.25 * free else torch.device("cpu")
 
 
-def _validate(array: np.ndarray, patch_size, passes: int, overlap: float) -> tuple[int, int, int]:
-    if array.ndim != 3:
-        raise ValueError(f"expected a 3D volume (z, y, x), got shape {array.shape}")
+def _validate_window(patch_size, passes: int, overlap: float) -> tuple[int, int, int]:
     if passes < 1:
         raise ValueError(f"passes must be >= 1, got {passes}")
     if not 0.0 <= overlap < 1.0:
@@ -126,6 +123,13 @@ def _validate(array: np.ndarray, patch_size, passes: int, overlap: float) -> tup
     roi = tuple(int(p) for p in patch_size)
     if len(roi) != 3 or min(roi) < 1:
         raise ValueError(f"patch_size must be three positive sizes (z, y, x), got {patch_size}")
+    return roi
+
+
+def _validate(array: np.ndarray, patch_size, passes: int, overlap: float) -> tuple[int, int, int]:
+    if array.ndim != 3:
+        raise ValueError(f"expected a 3D volume (z, y, x), got shape {array.shape}")
+    roi = _validate_window(patch_size, passes, overlap)
     if not np.isfinite(array).all():
         raise ValueError("the image contains NaN or infinite values")
     return roi
@@ -157,12 +161,12 @@ def predict_volume(
         versions for the ensemble estimator.
     passes: T, the stochastic passes (MC dropout, head MC) or flip combinations; 1 = one deterministic pass.
     estimator: one of ESTIMATORS; None = DEFAULT_ESTIMATOR with fallbacks (see resolve_estimator).
-    pass_batch: passes run as one batch; "auto" = measured per device (DEFAULT_PASS_BATCH); None = all T at once;
-        1 = one after another.
-    sw_batch_size: windows per batch; "auto" = measured per device (DEFAULT_WINDOW_BATCH).
-    amp: bfloat16 autocast. Off by default: on an H100 with the default network and 4 windows per batch it saved
-        0.002 s of head MC's 0.074 s per volume at 7× float32's rounding in the maps (uncertainty.md); worth trying for
-        large networks. temperature: a fitted calibration (float τ or Calibration).
+    pass_batch: passes run as one batch; "auto" = the device type's default (DEFAULT_PASS_BATCH); None = all T at
+        once; 1 = one after another.
+    sw_batch_size: windows per batch; "auto" = the device type's default (DEFAULT_WINDOW_BATCH).
+    amp: bfloat16 autocast. Off by default: with the default network it saves little time for a larger
+        rounding error in the maps (docs/uncertainty.md, "Speed and memory"); worth trying for large networks.
+    temperature: a fitted calibration (float τ or Calibration).
     stitch_device: where the stitched output lives (None = the compute device unless too big for the GPU).
     seed: dropout masks (head) and dropout sampling (elsewhere) depend on it alone; the caller's RNG is untouched.
     balanced_masks: the head's T dropout masks are balanced across passes (stratified; see HeadDropoutMasks);
@@ -225,37 +229,58 @@ class Predictor:
     """A model version ready to segment volumes: settings at construction, volumes at call.
 
     model: a network (or a list of model versions for the ensemble estimator); patch_size: the sliding window (z, y, x);
-    passes, overlap, estimator, device and the other keyword settings are `predict_volume`'s. `version` names the
-    model version the predictions come from (None outside a datastore).
+    passes, overlap, device and the keyword settings (estimator, seed, pass_batch, sw_batch_size, amp, temperature,
+    ...) are `predict_volume`'s and are checked here, so a wrong name fails when the predictor is built, not at the
+    first volume. `version` names the model version the predictions come from (None outside a datastore).
 
         predictor = Predictor.from_checkpoint("v0003.pt", passes=8)
-        prediction = predictor(volume)          # Prediction in the volume's grid
+        prediction = predictor(volume)              # Prediction in the volume's grid
+        segmentation = predictor(volume, passes=1)  # a setting overridden for one call
     """
 
-    def __init__(self, model, patch_size: Sequence[int], *, passes: int = 8, overlap: float = 0.25,
-                 device: str | torch.device | None = "auto", version: str | None = None, **settings):
-        roi = tuple(int(p) for p in patch_size)
-        if len(roi) != 3 or min(roi) < 1:
-            raise ValueError(f"patch_size must be three positive sizes (z, y, x), got {patch_size}")
-        if passes < 1:
-            raise ValueError(f"passes must be >= 1, got {passes}")
+    def __init__(self, model: torch.nn.Module | Sequence[torch.nn.Module], patch_size: Sequence[int], *,
+                 passes: int = 8, overlap: float = 0.25, device: str | torch.device | None = "auto",
+                 version: str | None = None, **settings):
+        roi = _validate_window(patch_size, passes, overlap)
+        _check_settings(settings)
         self.device = pick_device(device)
-        self.model, self.patch_size, self.passes, self.overlap = model, roi, int(passes), float(overlap)
-        self.version, self.settings = version, dict(settings)
+        self.model, self.patch_size, self.version = model, roi, version
+        self.settings = {"passes": int(passes), "overlap": float(overlap), **settings}
         for m in model if isinstance(model, (list, tuple)) else [model]:
             m.to(self.device).eval()
+
+    @property
+    def passes(self) -> int:
+        return self.settings["passes"]
+
+    @property
+    def overlap(self) -> float:
+        return self.settings["overlap"]
 
     @classmethod
     def from_checkpoint(cls, path_or_ckpt, *, device: str | torch.device | None = "auto", version: str | None = None,
                         **settings) -> "Predictor":
-        """Load a checkpoint (weights_only) and use the patch size it was trained with."""
-        from SSLSegmentLib.ml.trainer import checkpoint_patch_size, model_from_checkpoint
+        """Load a checkpoint (a path or a loaded dict; weights only) and infer with the patch size it was trained
+        with (`checkpoint_patch_size`)."""
+        from SSLSegmentLib.ml.checkpoint import checkpoint_patch_size, model_from_checkpoint
 
         dev = pick_device(device)
         model, ckpt = model_from_checkpoint(path_or_ckpt, device=dev)
         return cls(model, checkpoint_patch_size(ckpt), device=dev, version=version, **settings)
 
     def __call__(self, image: np.ndarray | Volume, passes: int | None = None, **overrides) -> Prediction:
-        settings = {**self.settings, **overrides}
-        return predict_volume(self.model, image, self.patch_size, passes=self.passes if passes is None else passes,
-                              overlap=self.overlap, device=self.device, **settings)
+        """`predict_volume(model, image, patch_size, **settings)` with this predictor's settings, `overrides` on top."""
+        _check_settings(overrides)
+        if passes is not None:
+            overrides["passes"] = passes
+        return predict_volume(self.model, image, self.patch_size, device=self.device, **{**self.settings, **overrides})
+
+
+def _check_settings(settings: dict) -> None:
+    """Names a Predictor passes on to predict_volume: its keyword settings, not the model, image, window or device."""
+    unknown = sorted(set(settings) - _PREDICTOR_SETTINGS)
+    if unknown:
+        raise TypeError(f"unknown predict_volume setting(s) {unknown}; known: {sorted(_PREDICTOR_SETTINGS)}")
+
+
+_PREDICTOR_SETTINGS = frozenset(inspect.signature(predict_volume).parameters) - {"model", "image", "patch_size", "device"}

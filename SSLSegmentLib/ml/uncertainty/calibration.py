@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
+
+from SSLSegmentLib.data.volume import Volume
 
 DEFAULT_BINS = 15
 TEMPERATURE_RANGE = (0.05, 20.0)
@@ -147,24 +149,21 @@ def calibration_from_predictions(probabilities: Sequence[np.ndarray], labels: Se
     )
 
 
-def calibrate(model, images: Sequence, labels: Sequence, patch_size, estimator: str | None = None, passes: int = 8,
-              bins: int = DEFAULT_BINS, **predict_kwargs) -> Calibration:
-    """Run `predict_volume` with the given estimator on each validation image and fit the temperature.
+def calibrate(predict: Callable, images: Sequence, labels: Sequence, bins: int = DEFAULT_BINS) -> Calibration:
+    """Predict each validation image and fit the temperature on the predictions.
 
+    predict: image → Prediction, normally a `SSLSegmentLib.ml.inference.Predictor` built with the estimator and passes
+        the temperature is for (calibration knows predictions, not models, so inference can depend on it alone).
     images: arrays (z, y, x) or Volumes; labels: class maps (or Volumes) on the same grids.
     """
-    from SSLSegmentLib.data.volume import Volume
-    from SSLSegmentLib.ml.inference import predict_volume
-
     if len(images) == 0 or len(images) != len(labels):
         raise ValueError(f"need as many labels as images, and at least one ({len(images)} images, {len(labels)} labels)")
-    probs, labs, used = [], [], ""
+    probs, labs, pred = [], [], None
     for image, label in zip(images, labels):
         lab = label.array if isinstance(label, Volume) else np.asarray(label)
-        pred = predict_volume(model, image, patch_size, passes=passes, estimator=estimator, **predict_kwargs)
+        pred = predict(image)
         if pred.label.shape != lab.shape:
             raise ValueError(f"label shape {lab.shape} does not match the image {pred.label.shape}")
         probs.append(pred.probabilities)
         labs.append(lab)
-        used = pred.estimator
-    return calibration_from_predictions(probs, labs, bins=bins, estimator=used, passes=passes)
+    return calibration_from_predictions(probs, labs, bins=bins, estimator=pred.estimator, passes=pred.passes)

@@ -44,9 +44,9 @@ DEFAULT_ESTIMATOR = "head_mc"
 # uncertainty.md): on a CPU one pass at a time is faster (the activations of one pass stay in cache) and needs less
 # memory, for the whole network and for head MC's heads alike; on a GPU batching fills the device.
 DEFAULT_PASS_BATCH: dict[str, int | None] = {"cpu": 1, "cuda": None}
-# Sliding windows run together in one batch, per device type. Measured on an H100 (uncertainty.md): with the default
-# network one 48×48×32 window leaves the GPU mostly idle between kernel launches; 4 windows per batch took the plain
-# forward of a 128×128×96 volume from 0.152 to 0.068 s (head MC: 0.180 to 0.074 s). On a CPU they only add memory.
+# Sliding windows run together in one batch, per device type. With the default network one training-size window
+# leaves a GPU mostly idle between kernel launches, and a few windows per batch fill it; on a CPU more windows only
+# add memory (benchmarks/results/uncertainty.md, docs/uncertainty.md "Speed and memory").
 DEFAULT_WINDOW_BATCH: dict[str, int] = {"cpu": 1, "cuda": 4}
 
 _DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
