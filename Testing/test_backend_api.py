@@ -17,9 +17,9 @@ from conftest import TINY_NET, TINY_PATCH
 from SSLSegmentLib.review.client import AuthError, BackendError, NotFoundError, SSLSegmentClient, ValidationError
 from SSLSegmentLib.data.volume import Geometry, Volume
 from SSLSegmentLib.data.imageio import read_label, read_volume, write_volume
-from SSLSegmentLib.data.regions import find_review_regions
+from SSLSegmentLib.data.regions import ReviewRegion, find_review_regions
+from SSLSegmentLib.review.local_backend import LocalBackend
 from training.datastore import Datastore, import_folder
-from training.server import start_backend
 
 TRAIN = {"network": TINY_NET, "patch_size": list(TINY_PATCH), "iterations": 30, "val_interval": 10, "device": "cpu"}
 WORKER_ARGS = ["--threads", "1", "--poll", "0.2", "--heartbeat", "0.5", "--stale-after", "30"]
@@ -31,12 +31,9 @@ def backend(tmp_path_factory, tiny_dataset):
     store = Datastore(root, create=True)
     import_folder(store, tiny_dataset, labels="train:2")
     store.update_settings({"train": TRAIN, "score_passes": 2, "infer": {"passes": 4}})
-    handle = start_backend(root, worker_args=WORKER_ARGS, server_args=["--max-upload-mb", "1"],
-                           env={"OMP_NUM_THREADS": "1"})
-    try:
+    with LocalBackend(root, worker_args=WORKER_ARGS, serve_args=["--max-upload-mb", "1"],
+                      env_overrides={"OMP_NUM_THREADS": "1"}).start().wait_until_ready() as handle:
         yield handle
-    finally:
-        handle.stop()
 
 
 @pytest.fixture(scope="module")
@@ -136,12 +133,14 @@ def test_path_traversal_ids_refused(backend, client, tmp_path, tiny_dataset):
     assert not (backend.datastore.parent / "evil.nrrd").exists()
 
 
+ALL_VOLUMES = ("label", "probability", "entropy", "mutual_information", "regions")
+
+
 def _correction(client, case_id, result, tiny_dataset, tmp_path):
     """A simulated clinician: fixes the visited regions and every wrong voxel, marks them reviewed."""
     truth = read_label(tiny_dataset / "labels" / "final" / f"{case_id}.nrrd").array
     pred = read_label(result["paths"]["label"])
-    entropy = read_volume(result["paths"]["entropy"]).array
-    _, rank_map = find_review_regions(entropy, threshold=result["threshold"])
+    rank_map = read_volume(result["paths"]["regions"]).array
     reviewed = ((rank_map > 0) | (pred.array != truth)).astype(np.uint8)
     label = np.where(reviewed > 0, truth, pred.array).astype(np.uint8)
     lp = write_volume(pred.like(label), tmp_path / f"{case_id}-label.nrrd")
@@ -162,8 +161,10 @@ def test_review_loop_train_correct_retrain(backend, client, tmp_path, tiny_datas
     cid = case["case_id"]
     assert case["split"] == "train" and not case["labeled"] and case["score_model_version"] == "v0001"
     assert case["lease"]["annotator"] == "alice"
-    result = client.infer(cid, tmp_path / "infer1")
+    result = client.infer(cid, tmp_path / "infer1", download=ALL_VOLUMES)
     assert result["model_version"] == "v0001" and not result["cached"]
+    assert result["uncertainty_kind"] == "entropy" and (result["min_voxels"], result["max_regions"]) == (8, 50)
+    assert all(path.startswith("/api/v1/") for path in result["volumes"].values())
     image = read_volume(client.download_image(cid, tmp_path / "img.nrrd"))
     for name, path in result["paths"].items():
         vol = read_volume(path)
@@ -171,9 +172,16 @@ def test_review_loop_train_correct_retrain(backend, client, tmp_path, tiny_datas
     prob = read_volume(result["paths"]["probability"]).array
     assert 0.0 <= prob.min() and prob.max() <= 1.0
     ranks = [r["rank"] for r in result["regions"]]
-    assert ranks == list(range(1, len(ranks) + 1))
+    assert ranks == list(range(1, len(ranks) + 1)) and ranks
     sums = [r["uncertainty_sum"] for r in result["regions"]]
     assert sums == sorted(sums, reverse=True)
+    # The regions are the ones of the stored map, and the region map is exactly their rank map.
+    entropy = read_volume(result["paths"]["entropy"])
+    regions, rank_map = find_review_regions(entropy.array, threshold=result["threshold"], geometry=entropy.geometry)
+    assert [ReviewRegion.from_dict(r) for r in result["regions"]] == regions
+    served = read_volume(result["paths"]["regions"])
+    assert served.array.dtype == np.int32 and np.array_equal(served.array, rank_map)
+    assert result["uncertainty_mean"] == pytest.approx(float(entropy.array.mean()), rel=1e-6)
 
     # Wrong grid → 422 with a message that says what is wrong; nothing stored.
     truth = read_label(tiny_dataset / "labels" / "final" / f"{cid}.nrrd")
@@ -193,6 +201,7 @@ def test_review_loop_train_correct_retrain(backend, client, tmp_path, tiny_datas
                               inference_id=result["inference_id"])
     assert rev["kind"] == "correction" and rev["reviewed_voxels"] == int(reviewed.sum())
     assert set(rev["files"]) == {"label", "reviewed_mask", "uncertainty"}
+    assert rev["uncertainty_kind"] == "entropy" and rev["threshold"] is None  # the defaults: nothing else was sent
     assert rev["files"]["label"].startswith(f"labels/corrections/alice/{cid}/r0001/")
     shown = client.download_label(cid, rev["revision"], tmp_path / "shown.nrrd", name="uncertainty")
     assert shown.read_bytes() == result["paths"]["entropy"].read_bytes()
@@ -214,6 +223,69 @@ def test_review_loop_train_correct_retrain(backend, client, tmp_path, tiny_datas
     weights = client.download_weights("v0002", tmp_path / "v2.pt")
     assert hashlib.sha256(weights.read_bytes()).hexdigest() == v2["sha256"]
     client.promote("v0002")
+
+
+def test_cache_hit_mutual_information_is_what_gets_archived(backend, client, tmp_path, tiny_dataset):
+    """The map archived with a correction is the one of the kind the annotator was shown, also when the inference
+    came from the cache (it was made for an entropy request)."""
+    cid = [c["case_id"] for c in client.list_cases("train")
+           if c["case_id"].startswith("phantom_") and not c["labeled"] and c["n_corrections"] == 0][0]
+    first = client.infer(cid, tmp_path / "e")
+    mi = client.infer(cid, tmp_path / "mi", uncertainty="mutual_information", threshold=0.05, min_voxels=2,
+                      max_regions=5, download=("label", "mutual_information", "regions", "entropy"))
+    assert mi["cached"] and mi["inference_id"] == first["inference_id"]
+    assert mi["uncertainty_kind"] == "mutual_information" and mi["volumes"]["regions"] != first["volumes"]["regions"]
+    stored = read_volume(mi["paths"]["mutual_information"])
+    regions, rank_map = find_review_regions(stored.array, threshold=0.05, min_voxels=2, max_regions=5,
+                                            geometry=stored.geometry)
+    assert [ReviewRegion.from_dict(r) for r in mi["regions"]] == regions and len(regions) <= 5
+    assert np.array_equal(read_volume(mi["paths"]["regions"]).array, rank_map)
+    assert mi["uncertainty_sum"] == pytest.approx(float(stored.array.sum()), rel=1e-5)
+
+    lp, mp, _ = _correction(client, cid, mi, tiny_dataset, tmp_path)
+    rev = client.submit_label(cid, lp, kind="correction", reviewed_mask_path=mp, model_version=mi["model_version"],
+                              author="carol", inference_id=mi["inference_id"], uncertainty_kind="mutual_information",
+                              threshold=0.05)
+    assert rev["uncertainty_kind"] == "mutual_information" and rev["threshold"] == 0.05
+    shown = client.download_label(cid, rev["revision"], tmp_path / "shown.nrrd", name="uncertainty")
+    assert shown.read_bytes() == mi["paths"]["mutual_information"].read_bytes()
+    assert shown.read_bytes() != mi["paths"]["entropy"].read_bytes()
+    history = client.label_history(cid)[-1]
+    assert (history["uncertainty_kind"], history["threshold"]) == ("mutual_information", 0.05)
+    with pytest.raises(ValidationError) as err:
+        client.submit_label(cid, lp, kind="correction", reviewed_mask_path=mp, uncertainty_kind="variance")
+    assert err.value.status == 422
+    with pytest.raises(ValidationError):
+        client.submit_label(cid, lp, kind="correction", reviewed_mask_path=mp, threshold=1.0)
+    assert len(client.label_history(cid)) == 1
+
+
+def test_region_map_refuses_forged_views(backend, client, tmp_path):
+    cid = client.list_cases("train")[0]["case_id"]
+    result = client.infer(cid, tmp_path / "r")
+    base = f"/api/v1/cases/{cid}/inference/{result['inference_id']}/regions/"
+    assert _raw(backend, result["volumes"]["regions"], backend.token) == 200
+    folder = backend.datastore / "inference" / cid / result["inference_id"]
+    # A file next to the inference folder that a view escaping it would reach.
+    (folder.parent / "regions-x.nrrd").write_bytes((folder / "label.nrrd").read_bytes())
+    view = result["volumes"]["regions"].rsplit("/", 1)[1]
+    for forged in ("..", "%2e%2e", "..%2Fregions-x", "..%2F..%2F..%2F.sslsegment%2Ftoken", "variance" + view[7:],
+                   view.replace("entropy", "Entropy"), view + "%0A", view + ".nrrd", view.replace("-r50", "-r51"),
+                   view.replace("t0.5000", "t0.5"), "entropy-t1.0000-m8-r50", "entropy-t0.5000-m0-r50"):
+        status = _raw(backend, base + forged, backend.token)
+        assert status in (404, 422), (forged, status)
+    assert _raw(backend, base + view, None) == 401
+    assert _raw(backend, f"/api/v1/cases/{cid}/inference/0123456789abcdef/regions/{view}", backend.token) == 404
+
+
+def test_train_request_follows_the_schema(backend, client):
+    with pytest.raises(ValidationError) as err:
+        client.start_training(colour="blue")
+    assert err.value.status == 422 and "colour" in err.value.message
+    with pytest.raises(ValidationError) as err:
+        client.start_training(iterations=0)
+    assert err.value.status == 400 and "iterations must be between" in err.value.message
+    assert client.list_jobs("queued") == []
 
 
 def test_concurrent_submissions_all_stored(backend, client, tmp_path):

@@ -1,4 +1,6 @@
-"""Datastore: layout, immutable revisions, fixed splits, the correction merge rule, leases, jobs, model registry."""
+"""Datastore: layout, immutable revisions, fixed splits, the correction merge rule (training_set), review orderings
+(strategies) and leases, jobs, the archived uncertainty map and region views, the model registry and its promotion
+rule."""
 
 from __future__ import annotations
 
@@ -12,13 +14,18 @@ import pytest
 from SSLSegmentLib.data.volume import Geometry, Volume
 from SSLSegmentLib.data.imageio import read_volume, write_volume
 from training.datastore import (
+    REGION_VIEW_RE,
     Conflict,
     Datastore,
     InvalidInput,
     NotFound,
     hash_split,
     import_folder,
+    region_view,
 )
+from training.registry import ModelRegistry, promotion_decision
+from training.strategies import STRATEGIES, RandomOrder, get_strategy
+from training.training_set import load_training_set, training_snapshot
 
 
 @pytest.fixture
@@ -150,8 +157,8 @@ def test_training_set_merges_corrections_inside_reviewed_masks(store):
                     reviewed_mask=_grid_volume(store, cid, ma))
     store.add_label(cid, _grid_volume(store, cid, lb), kind="correction", author="bob",
                     reviewed_mask=_grid_volume(store, cid, mb))
-    snap = store.training_snapshot()
-    samples, val = store.load_training_set(snap)
+    snap = training_snapshot(store)
+    samples, val = load_training_set(store, snap)
     by_id = {s.case_id: s for s in samples}
     s = by_id[cid]
     np.testing.assert_array_equal(s.labeled_mask, np.maximum(ma, mb).astype(np.uint8))
@@ -165,13 +172,13 @@ def test_training_set_merges_corrections_inside_reviewed_masks(store):
     final = np.zeros(shape)
     final[0:4] = 1
     store.add_label(cid, _grid_volume(store, cid, final), kind="final", author="carol")
-    s2 = {x.case_id: x for x in store.load_training_set(store.training_snapshot())[0]}[cid]
+    s2 = {x.case_id: x for x in load_training_set(store, training_snapshot(store))[0]}[cid]
     assert s2.labeled_mask.all() and s2.label[9, 9, 9] == 0 and s2.label[1, 9, 9] == 1
     # Corrections on validation cases are stored but never leak into training.
     vid = store.cases("val")[0]["case_id"]
     store.add_label(vid, _grid_volume(store, vid, np.zeros(shape)), kind="correction", author="alice",
                     reviewed_mask=_grid_volume(store, vid, np.ones(shape)))
-    assert vid not in store.training_snapshot()["train"]
+    assert vid not in training_snapshot(store)["train"]
 
 
 def test_next_case_ranks_by_uncertainty_and_respects_leases(store):
@@ -179,22 +186,45 @@ def test_next_case_ranks_by_uncertainty_and_respects_leases(store):
     assert len(ids) == 6
     store.set_score(ids[2], 0.9, 10.0, "v0001")
     store.set_score(ids[4], 0.5, 90.0, "v0001")
-    assert store.next_case("uncertainty", "alice")["case_id"] == ids[2]
+    uncertainty = get_strategy("uncertainty")
+    assert store.next_case(uncertainty, "alice")["case_id"] == ids[2]
     # alice holds ids[2]; bob gets the next best, and alice asking again resumes her own case.
-    assert store.next_case("uncertainty", "bob")["case_id"] == ids[4]
-    assert store.next_case("uncertainty", "alice")["case_id"] == ids[2]
-    assert store.next_case("uncertainty_sum", "carol")["case_id"] not in (ids[2], ids[4])
+    assert store.next_case(uncertainty, "bob")["case_id"] == ids[4]
+    assert store.next_case(uncertainty, "alice")["case_id"] == ids[2]
+    served = store.next_case(get_strategy("uncertainty_sum"), "carol")
+    assert served["case_id"] not in (ids[2], ids[4]) and served["strategy"] == "uncertainty_sum"
     # Submitting releases the lease and takes the case out of the queue.
     store.add_label(ids[2], _grid_volume(store, ids[2], np.zeros(store.grid(ids[2]).shape)), kind="final")
     assert ids[2] not in store.unreviewed("train")
     # Expired leases are free again.
     store.update_settings({"lease_s": 0.0})
-    assert store.next_case("uncertainty", "bob")["case_id"] == ids[4]  # renewed with a zero-length lease
-    assert store.next_case("uncertainty", "dave")["case_id"] == ids[4]
-    for _ in range(10):
-        store.next_case("random", "eve")
+    assert store.next_case(uncertainty, "bob")["case_id"] == ids[4]  # renewed with a zero-length lease
+    assert store.next_case(uncertainty, "dave")["case_id"] == ids[4]
+    picks = {store.next_case(RandomOrder(np.random.default_rng(i)), "eve")["case_id"] for i in range(20)}
+    assert len(picks) > 1 and ids[2] not in picks
     with pytest.raises(InvalidInput):
-        store.next_case("most-fun", "alice")
+        get_strategy("most-fun")
+    with pytest.raises(InvalidInput, match="author"):
+        store.next_case(uncertainty, "../eve")
+
+
+def test_strategies_order_candidates_without_the_datastore(store):
+    from training.datastore import Candidate
+
+    cands = [Candidate("b", None, None), Candidate("a", 0.2, 50.0), Candidate("c", 0.7, 5.0), Candidate("d", 0.7, 1.0)]
+    assert STRATEGIES["uncertainty"]().pick(cands) == "c"  # ties broken by id
+    assert STRATEGIES["uncertainty_sum"]().pick(cands) == "a"
+    assert STRATEGIES["uncertainty"]().pick([Candidate("z", None, None), Candidate("y", None, None)]) == "y"
+    assert {STRATEGIES["random"](np.random.default_rng(i)).pick(cands) for i in range(40)} == {"a", "b", "c", "d"}
+
+    class LastById:  # any object with a name and pick() is an ordering; the datastore does not branch on names
+        name = "last"
+
+        def pick(self, candidates):
+            return max(c.case_id for c in candidates)
+
+    got = store.next_case(LastById(), "alice")
+    assert got["case_id"] == max(store.unreviewed("train")) and got["strategy"] == "last"
 
 
 def test_jobs_are_claimed_once_under_concurrency(store):
@@ -259,34 +289,159 @@ def test_retrain_trigger_counts_new_corrections(store):
     assert correct(ids[4]) is None and correct(ids[5]) is None  # manual only
 
 
-def test_model_versions_promote_rollback_and_compare_and_set(store, tmp_path, tiny_net_config):
-    import torch
-
+def _checkpoint(tmp_path, tiny_net_config):
     from SSLSegmentLib.ml.networks import build_network
     from SSLSegmentLib.ml.trainer import CHECKPOINT_FORMAT, save_checkpoint
 
     net = build_network(tiny_net_config)
     ckpt = {"format": CHECKPOINT_FORMAT, "model": net.state_dict(), "network": tiny_net_config.to_dict(),
             "train_config": {"patch_size": [16, 32, 32]}, "method": "brl"}
-    path = save_checkpoint(ckpt, tmp_path / "a.pt")
-    v1 = store.add_model_version(path, {"parent": None, "metrics": {"val_dice": 0.5}, "trained_on": {}})
-    v2 = store.add_model_version(path, {"parent": "v0001", "metrics": {"val_dice": 0.6}, "trained_on": {}})
-    assert (v1["version"], v2["version"]) == ("v0001", "v0002") and store.current_model is None
+    return save_checkpoint(ckpt, tmp_path / "a.pt")
+
+
+def test_model_versions_promote_rollback_and_compare_and_set(store, tmp_path, tiny_net_config):
+    import torch
+
+    registry = ModelRegistry(store)
+    path = _checkpoint(tmp_path, tiny_net_config)
+    v1 = registry.add_version(path, {"parent": None, "metrics": {"val_dice": 0.5}, "trained_on": {}})
+    v2 = registry.add_version(path, {"parent": "v0001", "metrics": {"val_dice": 0.6}, "trained_on": {}})
+    assert (v1["version"], v2["version"]) == ("v0001", "v0002") and registry.current is None
     assert (store.root / "models" / "v0001" / "model.pt").read_bytes() == path.read_bytes()
-    store.promote("v0002")
-    assert store.promote("v0001")["previous"] == "v0002" and store.current_model == "v0001"  # rollback
+    assert json.loads((store.root / "models" / "v0002" / "version.json").read_text())["parent"] == "v0001"
+    with pytest.raises(InvalidInput, match="nothing to roll back"):
+        registry.rollback()
+    registry.promote("v0002")
+    assert registry.promote("v0001")["previous"] == "v0002" and registry.current == "v0001"  # by hand
+    assert registry.rollback() == {"current": "v0002", "previous": "v0001"} and registry.current == "v0002"
     with pytest.raises(Conflict):
-        store.promote("v0002", expected_current="v0002")
-    assert [p["version"] for p in store.promotion_history()] == ["v0002", "v0001"]
+        registry.promote("v0001", expected_current="v0001")
+    assert [p["version"] for p in registry.promotion_history()] == ["v0002", "v0001", "v0002"]
+    assert [m["current"] for m in registry.models()] == [False, True]
+    assert registry.summary() == {"current_model": "v0002", "n_models": 2}
     with pytest.raises(NotFound):
-        store.promote("v0099")
+        registry.promote("v0099")
     with pytest.raises(InvalidInput):
-        store.model("../v1")
+        registry.model("../v1")
     bad = tmp_path / "bad.pt"
     torch.save({"not": "a checkpoint"}, bad)
     with pytest.raises(ValueError, match="not an SSLSegment checkpoint"):
-        store.add_model_version(bad, {})
-    assert len(store.models()) == 2 and not list((store.root / "models").glob(".tmp-*"))
+        registry.add_version(bad, {})
+    assert len(registry.models()) == 2 and not list((store.root / "models").glob(".tmp-*"))
+    # A second datastore handle (another process) sees the same pointer.
+    assert ModelRegistry(Datastore(store.root)).current == "v0002"
+
+
+def test_promotion_rule():
+    assert promotion_decision(0.80, 0.81, "v0001", 0.02)[0]
+    assert not promotion_decision(0.78, 0.81, "v0001", 0.02)[0]
+    assert promotion_decision(0.5, None, None, 0.02)[0]
+    promote, why = promotion_decision(0.6, float("nan"), "v0001", 0.02)
+    assert promote and "could not be validated" in why
+    promote, why = promotion_decision(float("nan"), 0.8, "v0001", 0.02)
+    assert not promote and "no validation" in why
+    promote, why = promotion_decision(None, None, None, 0.02)
+    assert not promote and "promote it by hand" in why
+    promote, why = promotion_decision(0.5, 0.9, "v0003", 0.1)
+    assert not promote and why.startswith("not promoted") and "v0003" in why
+
+
+def _inference(store, cid, version="v0001", passes=2):
+    """A cached inference whose entropy and mutual-information maps differ (as a real one's do)."""
+    grid = store.grid(cid)
+    rng = np.random.default_rng(0)
+    vols = {"label": Volume(np.zeros(grid.shape, np.uint8), grid.geometry)}
+    for name in ("probability", "entropy", "mutual_information"):
+        vols[name] = Volume(rng.random(grid.shape, dtype=np.float32), grid.geometry)
+    return store.add_inference(cid, version, passes, vols, {"score": {"mean": 0.5, "sum": 1.0}})
+
+
+def test_correction_archives_the_map_of_the_kind_shown(store):
+    cid = _train_ids(store)[6]
+    shape = store.grid(cid).shape
+    entry = _inference(store, cid)
+    folder = store.inference_dir(cid, entry["inference_id"])
+    assert "uncertainty_kind" not in entry  # the cache entry serves every kind
+    lab, mask = _grid_volume(store, cid, np.zeros(shape)), _grid_volume(store, cid, np.ones(shape))
+
+    def archived(rev):
+        return store.revision_file(cid, rev["revision"], "uncertainty").read_bytes()
+
+    mi, _ = store.add_label(cid, lab, kind="correction", reviewed_mask=mask, inference_id=entry["inference_id"],
+                            uncertainty_kind="mutual_information", threshold=0.25)
+    assert archived(mi) == (folder / "mutual_information.nrrd").read_bytes()
+    assert (mi["uncertainty_kind"], mi["threshold"]) == ("mutual_information", 0.25)
+    meta = json.loads((store.abs(mi["files"]["label"]).parent / "revision.json").read_text())
+    assert (meta["uncertainty_kind"], meta["threshold"]) == ("mutual_information", 0.25)
+    # Without an inference id: the newest inference of the model version; the default kind is entropy.
+    ent, _ = store.add_label(cid, lab, kind="correction", reviewed_mask=mask, model_version="v0001")
+    assert archived(ent) == (folder / "entropy.nrrd").read_bytes() and ent["uncertainty_kind"] == "entropy"
+    assert [(r["uncertainty_kind"], r["threshold"]) for r in store.revisions(cid)] == [
+        ("mutual_information", 0.25), ("entropy", None)]
+    for bad in ({"uncertainty_kind": "variance"}, {"threshold": 1.0}, {"threshold": float("nan")}):
+        with pytest.raises(InvalidInput):
+            store.add_label(cid, lab, kind="correction", reviewed_mask=mask, model_version="v0001", **bad)
+    final, _ = store.add_label(cid, lab, kind="final", uncertainty_kind="mutual_information", threshold=0.5)
+    assert "uncertainty" not in final["files"] and final["uncertainty_kind"] is None and final["threshold"] is None
+    assert len(store.revisions(cid)) == 3
+
+
+def test_region_views_are_canonical_and_stay_in_their_folder(store):
+    cid = _train_ids(store)[7]
+    entry = _inference(store, cid)
+    iid = entry["inference_id"]
+    folder = store.inference_dir(cid, iid)
+    assert region_view("entropy", 0.5, 8, 50) == "entropy-t0.5000-m8-r50"
+    assert region_view("mutual_information", 0.12345, 1, 3) == "mutual_information-t0.12345-m1-r3"
+    assert region_view("entropy", 0.0, 8, 50) == "entropy-t0.0000-m8-r50"
+    # Two thresholds never share a view (a cached rank map is only reused for its own parameters).
+    assert region_view("entropy", 0.5, 8, 50) != region_view("entropy", 0.50001, 8, 50)
+    assert region_view("entropy", 1e-7, 8, 50) == "entropy-t0.0000001-m8-r50"
+    for kind, threshold in (("variance", 0.5), ("entropy", 1.0), ("entropy", -0.1)):
+        with pytest.raises(InvalidInput):
+            region_view(kind, threshold, 8, 50)
+    view = region_view("entropy", 0.5, 8, 50)
+    grid = store.grid(cid)
+    ranks = np.zeros(grid.shape, np.int32)
+    ranks[2:4, 2:4, 2:4] = 1
+    path = store.put_region_map(cid, iid, view, Volume(ranks, grid.geometry))
+    assert path.parent == folder and store.region_map(cid, iid, view) == path
+    assert np.array_equal(read_volume(path).array, ranks) and read_volume(path).array.dtype == np.int32
+    before = path.stat().st_mtime_ns
+    store.put_region_map(cid, iid, view, Volume(ranks, grid.geometry))  # deterministic: the file is reused
+    assert path.stat().st_mtime_ns == before
+    with pytest.raises(NotFound):
+        store.region_map(cid, iid, region_view("entropy", 0.25, 8, 50))  # well formed, never computed
+    for forged in ("..", "../../.sslsegment/token", "entropy-t0.5000-m8-r50/../../x", "entropy-t0.5000-m8-r50\n",
+                   "variance-t0.5000-m8-r50", "entropy-t0.5-m8-r50", "entropy-t1.0000-m8-r50", "entropy-t0.5000-m08-r50",
+                   "", None):
+        assert forged is None or not REGION_VIEW_RE.match(forged)
+        with pytest.raises(NotFound):
+            store.region_map_path(cid, iid, forged)
+    with pytest.raises(InvalidInput):
+        store.region_map(cid, "../" + iid, view)
+
+
+def test_an_index_of_schema_1_gains_the_new_revision_columns(tmp_path, tiny_dataset):
+    import sqlite3
+
+    root = tmp_path / "old"
+    s = Datastore(root, create=True)
+    cid = s.register_image(sorted(tiny_dataset.glob("*.nrrd"))[0], case_id="old-case")[0]["case_id"]
+    s.close()
+    # What a version-1 index looked like: no uncertainty_kind / threshold columns in labels.
+    db = sqlite3.connect(root / ".sslsegment" / "index.sqlite")
+    db.execute("ALTER TABLE labels DROP COLUMN uncertainty_kind")
+    db.execute("ALTER TABLE labels DROP COLUMN threshold")
+    db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    db.commit()
+    db.close()
+    s = Datastore(root)
+    assert s.get_meta(s.db, "schema_version") == 2
+    shape = s.grid(cid).shape
+    rev, _ = s.add_label(cid, _grid_volume(s, cid, np.zeros(shape)), kind="correction",
+                         reviewed_mask=_grid_volume(s, cid, np.ones(shape)), uncertainty_kind="mutual_information")
+    assert rev["uncertainty_kind"] == "mutual_information"
 
 
 def test_check_reports_leftovers_without_touching_indexed_files(store):

@@ -7,6 +7,7 @@ import pytest
 
 from conftest import TINY_NET, TINY_PATCH
 from training.datastore import Datastore, import_folder
+from training.registry import ModelRegistry
 from training.worker import Worker
 
 TRAIN = {"network": TINY_NET, "patch_size": list(TINY_PATCH), "iterations": 30, "val_interval": 10, "device": "cpu",
@@ -39,5 +40,5 @@ def test_two_process_ddp_learns_like_single_process(tmp_path, tiny_dataset):
         curves[name] = dices
     # Same learning: the two-process run ends close to the single-process one.
     assert abs(curves["ddp"][-1] - curves["single"][-1]) < 0.15, curves
-    assert store.model(ddp["result"]["model_version"])["metrics"]["nproc"] == 2
+    assert ModelRegistry(store).model(ddp["result"]["model_version"])["metrics"]["nproc"] == 2
     assert (store.root / "jobs" / ddp["job_id"] / "torchrun.log").is_file()

@@ -1,4 +1,5 @@
-"""Training worker: learning from the datastore, promotion rule, NaN, cancellation, missing labels (in-process)."""
+"""Training worker: learning from the datastore, promotion, NaN, cancellation, missing labels (in-process); the
+training-parameter schema (training/jobs.py) it and the server follow."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import pytest
 
 from conftest import TINY_NET, TINY_PATCH
 from SSLSegmentLib.data.volume import Volume
-from training.datastore import Datastore, import_folder
-from training.worker import Worker, promotion_decision
+from training.datastore import Datastore, InvalidInput, import_folder
+from training.jobs import PARAMS, TrainRequest, build_train_config, resolve_train_params
+from training.registry import ModelRegistry
+from training.worker import Worker
 
 TRAIN = {"network": TINY_NET, "patch_size": list(TINY_PATCH), "iterations": 30, "val_interval": 10,
          "batch_labeled": 2, "batch_unlabeled": 2, "device": "cpu"}
@@ -39,10 +42,10 @@ def test_first_version_learns_and_is_promoted(trained):
     store, job = trained
     assert job["status"] == "succeeded", job["error"]
     r = job["result"]
-    assert r["model_version"] == "v0001" and r["promoted"] and store.current_model == "v0001"
+    assert r["model_version"] == "v0001" and r["promoted"] and ModelRegistry(store).current == "v0001"
     dices = [h["val_dice"] for h in job["history"]]
     assert len(dices) == 3 and dices[-1] > dices[0] + 0.2 and r["val_dice"] > 0.5  # it learned
-    model = store.model("v0001")
+    model = ModelRegistry(store).model("v0001")
     assert model["trained_on"]["n_labeled_cases"] == 3 and len(model["trained_on"]["revisions"]) == 3
     meta = json.loads((store.root / "models" / "v0001" / "version.json").read_text())
     assert meta["sha256"] == model["sha256"] and meta["parent"] is None
@@ -69,8 +72,8 @@ def test_correction_trained_on_but_regression_not_promoted(trained):
     job = store.job(job["job_id"])
     assert job["status"] == "succeeded", job["error"]
     r = job["result"]
-    assert not r["promoted"] and "not promoted" in r["reason"] and store.current_model == "v0001"
-    model = store.model(r["model_version"])
+    assert not r["promoted"] and "not promoted" in r["reason"] and ModelRegistry(store).current == "v0001"
+    model = ModelRegistry(store).model(r["model_version"])
     assert model["parent"] == "v0001" and not model["promoted"] and model["decision"] == r["reason"]
     assert rev["revision"] in model["trained_on"]["revisions"]
     assert r["parent_val_dice"] is not None and r["parent_val_dice"] > 0.5
@@ -78,17 +81,17 @@ def test_correction_trained_on_but_regression_not_promoted(trained):
 
 def test_nan_loss_fails_the_job_and_keeps_current(trained):
     store, _ = trained
-    n_models = len(store.models())
+    n_models = len(ModelRegistry(store).models())
     job = store.create_job({"iterations": 20, "lr": 1e8})
     _worker(store.root).run(once=True)
     job = store.job(job["job_id"])
     assert job["status"] == "failed" and re.search(r"loss became (nan|inf)", job["error"])
-    assert store.current_model == "v0001" and len(store.models()) == n_models
+    assert ModelRegistry(store).current == "v0001" and len(ModelRegistry(store).models()) == n_models
 
 
 def test_cancel_stops_a_running_job(trained):
     store, _ = trained
-    n_models = len(store.models())
+    n_models = len(ModelRegistry(store).models())
     job = store.create_job({"iterations": 5000, "val_interval": 5000})
     worker = _worker(store.root)
     claimed = worker.store.claim_job(worker.worker_id)
@@ -101,15 +104,70 @@ def test_cancel_stops_a_running_job(trained):
     thread.join(timeout=120)
     j = store.job(job["job_id"])
     assert not thread.is_alive() and j["status"] == "cancelled" and j["progress"]["step"] < 5000
-    assert len(store.models()) == n_models and store.current_model == "v0001"
+    assert len(ModelRegistry(store).models()) == n_models and ModelRegistry(store).current == "v0001"
 
 
-def test_promotion_rule():
-    assert promotion_decision(0.80, 0.81, "v0001", 0.02)[0]
-    assert not promotion_decision(0.78, 0.81, "v0001", 0.02)[0]
-    assert promotion_decision(0.5, None, None, 0.02)[0]
-    promote, why = promotion_decision(float("nan"), 0.8, "v0001", 0.02)
-    assert not promote and "no validation" in why
+# One valid value of every parameter of the schema (a test fails when a parameter is added without one here).
+EVERY_PARAM = {
+    "method": "mean-teacher", "iterations": 12, "lr": 0.02, "batch_labeled": 1, "batch_unlabeled": 3, "seed": 7,
+    "val_interval": 6, "patch_size": [16, 32, 32], "tolerance": 0.1, "init": "scratch", "network": TINY_NET,
+    "method_options": {"consistency": 0.5}, "nproc": 2, "device": "cpu", "momentum": 0.8, "weight_decay": 0.0,
+    "ema_decay": 0.95, "augment": False, "lr_schedule": "poly", "rampup_steps": 5, "eval_model": "teacher",
+}
+
+
+def test_the_parameter_schema_gives_request_checks_and_config(trained):
+    from SSLSegmentLib.ml.trainer import TrainConfig
+
+    store, _ = trained
+    assert set(EVERY_PARAM) == {p.name for p in PARAMS}
+    assert set(TrainRequest.model_fields) == {p.name for p in PARAMS}
+    request = TrainRequest(**EVERY_PARAM).model_dump(exclude_none=True)
+    assert request == EVERY_PARAM
+    with pytest.raises(ValueError):
+        TrainRequest(colour="blue")
+    params = resolve_train_params(store, request, default_nproc=4)
+    assert params == {**store.settings["train"], **EVERY_PARAM}  # the request wins over every default
+    config = build_train_config(params, None)
+    for p in PARAMS:
+        if p.config:
+            assert getattr(config, p.name) == (tuple(EVERY_PARAM[p.name]) if p.name == "patch_size"
+                                               else EVERY_PARAM[p.name]), p.name
+        else:
+            assert p.name == "network" or not hasattr(TrainConfig, p.name), p.name
+    assert build_train_config({**params, "val_interval": 50}, None).val_interval == 12  # at most the iterations
+    # Defaults: settings.train, then each parameter's own source; the worker's --nproc beats settings.train.
+    defaults = resolve_train_params(store, {}, default_nproc=3)
+    assert defaults["init"] == "current" and defaults["tolerance"] == store.settings["tolerance"]
+    assert defaults["nproc"] == 3 and defaults["iterations"] == TRAIN["iterations"]
+    # Fine-tuning keeps the parent's network and patch size (the checkpoint's one accessor).
+    from SSLSegmentLib.ml.trainer import load_checkpoint
+
+    parent = load_checkpoint(ModelRegistry(store).model_path("v0001"))
+    tuned = build_train_config({**defaults, "patch_size": None, "network": {"channels": [4, 8, 16]}}, parent)
+    assert tuned.network == parent["network"] and tuned.patch_size == tuple(parent["train_config"]["patch_size"])
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"iterations": 0}, "iterations must be between 1 and 1000000"),
+    ({"iterations": True}, "iterations must be an integer"),
+    ({"lr": -1.0}, "lr must be positive"),
+    ({"lr": float("inf")}, "lr must be a finite number"),
+    ({"nproc": 65}, "nproc must be between 1 and 64"),
+    ({"method": "magic"}, "unknown method 'magic'"),
+    ({"init": "v0099"}, "init must be 'current', 'scratch' or an existing version"),
+    ({"init": "../v1"}, "init must be 'current', 'scratch' or an existing version"),
+    ({"patch_size": [16, 32]}, "patch_size must be three positive integers"),
+    ({"network": {"colour": 1}}, "network:"),
+    ({"method_options": [1]}, "method_options must be an object"),
+    ({"augment": 1}, "augment must be a boolean"),
+    ({"colour": 3}, "unknown training parameter(s) ['colour']"),
+])
+def test_the_schema_refuses_bad_parameters(trained, bad, message):
+    store, _ = trained
+    with pytest.raises(InvalidInput) as err:
+        resolve_train_params(store, bad)
+    assert message in str(err.value)
 
 
 def test_job_without_labels_fails_with_reason(tmp_path, tiny_dataset):
@@ -119,4 +177,4 @@ def test_job_without_labels_fails_with_reason(tmp_path, tiny_dataset):
     job = store.create_job({"init": "scratch"})
     _worker(store.root).run(once=True)
     j = store.job(job["job_id"])
-    assert j["status"] == "failed" and "no labeled" in j["error"] and store.models() == []
+    assert j["status"] == "failed" and "no labeled" in j["error"] and ModelRegistry(store).models() == []

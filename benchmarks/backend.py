@@ -88,13 +88,12 @@ def _ts(iso: str | None) -> float | None:
 def _correction_files(client, case_id: str, truth_dir: Path, work: Path) -> tuple[Path, Path, str]:
     """Infer, then fix the review regions and every wrong voxel (a simulated clinician)."""
     from SSLSegmentLib.data.imageio import read_label, read_volume, write_volume
-    from SSLSegmentLib.data.regions import find_review_regions
 
     out = work / f"infer-{case_id}"
     result = client.infer(case_id, out)
     pred = read_label(result["paths"]["label"])
     truth = read_label(truth_dir / f"{case_id}.nrrd").array
-    _, rank_map = find_review_regions(read_volume(result["paths"]["entropy"]).array, threshold=result["threshold"])
+    rank_map = read_volume(result["paths"]["regions"]).array  # the server's regions, computed where the map is made
     reviewed = ((rank_map > 0) | (pred.array != truth)).astype(np.uint8)
     label = np.where(reviewed > 0, truth, pred.array).astype(np.uint8)
     return (write_volume(pred.like(label), out / "corrected.nrrd"), write_volume(pred.like(reviewed), out / "reviewed.nrrd"),
@@ -211,8 +210,8 @@ def bench_requests(backend, work: Path, n_requests: int) -> dict:
 
 def run(profile_name: str, repeats: int, n_requests: int, threads: int, keep: bool) -> dict:
     from SSLSegmentLib.data.phantoms import PhantomConfig, write_phantom_dataset
+    from SSLSegmentLib.review.local_backend import LocalBackend
     from training.datastore import Datastore, import_folder
-    from training.server import start_backend
 
     prof = PROFILES[profile_name]
     env_info = machine()
@@ -225,8 +224,8 @@ def run(profile_name: str, repeats: int, n_requests: int, threads: int, keep: bo
         import_folder(store, data, labels="train:2")
         store.update_settings({"train": prof["train"], "infer": {"passes": prof["infer_passes"]}})
         env = {"OMP_NUM_THREADS": str(threads)}
-        with start_backend(store.root, worker_args=["--threads", str(threads), "--poll", "0.1", "--heartbeat", "1"],
-                           server_args=["--log-level", "error"], env=env) as backend:
+        with LocalBackend(store.root, worker_args=["--threads", str(threads), "--poll", "0.1", "--heartbeat", "1"],
+                          serve_args=["--log-level", "error"], env_overrides=env).start().wait_until_ready() as backend:
             client = backend.client(timeout=120)
             print(f"backend on {backend.base_url}; training the first version", flush=True)
             t = time.time()

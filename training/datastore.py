@@ -5,13 +5,18 @@
     DIR/labels/original/<case_id>.nrrd                    imported pre-labels
     DIR/labels/corrections/<author>/<case_id>/r<n>/       correction revisions (label, reviewed mask, uncertainty shown)
     DIR/models/<version>/                                 immutable model versions (model.pt, version.json)
-    DIR/inference/<case_id>/<inference_id>/               cached inference outputs
+    DIR/inference/<case_id>/<inference_id>/               cached inference outputs (and region maps per view)
     DIR/jobs/<job_id>/                                    job scratch space
     DIR/.sslsegment/index.sqlite, token                   the index and the bearer token (0600)
 
 Invariants (see docs/backend.md): revisions and versions are never overwritten; every file is written to a temporary
 name, fsynced and renamed (folders as a whole) before its index row commits; a case's split is assigned once at
 registration and never redrawn; ids are validated before they become part of a path.
+
+The Datastore class is storage and the index: cases, label revisions, the inference cache and its region maps,
+leases, the job queue, settings and the token. Rules that work on the index live beside it: the model registry
+(training/registry.py), the review orderings (training/strategies.py) and the training-set rule
+(training/training_set.py).
 """
 
 from __future__ import annotations
@@ -32,16 +37,16 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
 
 from SSLSegmentLib.data import contract
-from SSLSegmentLib.data.dataset import Sample
 from SSLSegmentLib.data.volume import Geometry, ImageError, Volume
 from SSLSegmentLib.data.imageio import IMAGE_SUFFIXES, _fsync_dir, read_label, read_volume, strip_suffix, write_volume
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 INDEX_DIR = ".sslsegment"
 SPLITS = ("train", "val", "test")
 LABEL_KINDS = ("final", "correction", "original")
@@ -49,6 +54,12 @@ JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED_STATES = ("succeeded", "failed", "cancelled")
 JOB_ID_RE = re.compile(r"^[0-9a-f]{12}$")
 INFERENCE_ID_RE = re.compile(r"^[0-9a-f]{16}$")
+# A region view names one rank map: uncertainty kind, threshold, min_voxels, max_regions (see `region_view`). It
+# becomes a file name, so only this exact shape is ever accepted from a client.
+REGION_VIEW_RE = re.compile(
+    r"^(?P<kind>" + "|".join(re.escape(k) for k in contract.UNCERTAINTY_KINDS) + r")"
+    r"-t(?P<threshold>0\.[0-9]{4,400})-m(?P<min_voxels>[1-9][0-9]{0,17})-r(?P<max_regions>[1-9][0-9]{0,17})\Z"
+)
 
 DEFAULT_SETTINGS = {
     # Retrain automatically after this many new corrections (0 = manual only).
@@ -72,7 +83,8 @@ DEFAULT_SETTINGS = {
         "nproc": 1,
     },
     # Defaults of POST /cases/{id}/infer.
-    "infer": {"passes": 8, "threshold": 0.5, "min_voxels": 8, "max_regions": 50, "uncertainty": "entropy"},
+    "infer": {"passes": 8, "threshold": 0.5, "min_voxels": 8, "max_regions": 50,
+              "uncertainty": contract.DEFAULT_UNCERTAINTY},
     # MC-dropout passes of the scoring pass that ranks cases after each promotion (0 = no scoring pass).
     "score_passes": 4,
 }
@@ -99,6 +111,8 @@ CREATE TABLE IF NOT EXISTS labels (
     path TEXT NOT NULL,
     reviewed_mask TEXT,
     uncertainty TEXT,
+    uncertainty_kind TEXT,
+    threshold REAL,
     reviewed_voxels INTEGER NOT NULL,
     foreground_voxels INTEGER NOT NULL,
     submission_id TEXT UNIQUE,
@@ -148,6 +162,10 @@ CREATE TABLE IF NOT EXISTS inferences (
 """
 
 
+# Columns added after schema version 1: (table, column, SQL type). Added in place to older indexes.
+_ADDED_COLUMNS = (("labels", "uncertainty_kind", "TEXT"), ("labels", "threshold", "REAL"))
+
+
 class DatastoreError(RuntimeError):
     """Base class of the datastore's user-facing errors."""
 
@@ -183,6 +201,8 @@ def _checked(rule):
 validate_author = _checked(contract.validate_author)
 validate_version = _checked(contract.validate_version)
 checked_case_id = _checked(contract.validate_case_id)
+validate_uncertainty_kind = _checked(contract.validate_uncertainty_kind)
+validate_threshold = _checked(contract.validate_threshold)
 
 
 def image_suffix(filename: str) -> str:
@@ -212,9 +232,25 @@ def hash_split(case_id: str, seed: str, ratios: tuple[float, float, float]) -> s
     return "test"
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
+
+
+def region_view(kind: str, threshold: float, min_voxels: int, max_regions: int) -> str:
+    """The token that names one rank map of an inference, e.g. "entropy-t0.5000-m8-r50".
+
+    The threshold is written with at least four decimals and as many more as it needs to read back as the same
+    float, so two different thresholds never share a token (and a cached rank map is only reused for its own view).
+    """
+    validate_uncertainty_kind(kind)
+    threshold = validate_threshold(threshold)
+    digits = format(Decimal(repr(threshold)), "f")
+    whole, _, frac = digits.partition(".")
+    view = f"{kind}-t{whole}.{frac.ljust(4, '0')}-m{int(min_voxels)}-r{int(max_regions)}"
+    if not REGION_VIEW_RE.match(view):
+        raise InvalidInput(f"no region view for threshold {threshold}, min_voxels {min_voxels}, max_regions {max_regions}")
+    return view
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -222,6 +258,15 @@ def _merge(base: dict, over: dict) -> dict:
     for k, v in over.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An unreviewed case `next_case` may serve: its id and its scores (None when never scored)."""
+
+    case_id: str
+    score: float | None
+    score_sum: float | None
 
 
 @dataclass
@@ -266,14 +311,20 @@ class Datastore:
             os.chmod(self.index_dir, 0o700)
         self._local = threading.local()
         self.db.executescript(_SCHEMA)
-        with self._tx() as db:
-            if self._meta_get(db, "schema_version") is None:
-                self._meta_set(db, "schema_version", SCHEMA_VERSION)
-                self._meta_set(db, "split_seed", split_seed or secrets.token_hex(8))
-                self._meta_set(db, "split_ratios", list(split_ratios))
-                self._meta_set(db, "settings", DEFAULT_SETTINGS)
-                self._meta_set(db, "current_model", None)
-                self._meta_set(db, "created", time.time())
+        with self.transaction() as db:
+            added = False
+            for table, column, kind in _ADDED_COLUMNS:
+                if column not in {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+                    added = True
+            if added and self.get_meta(db, "schema_version") is not None:
+                self.set_meta(db, "schema_version", SCHEMA_VERSION)
+            if self.get_meta(db, "schema_version") is None:
+                self.set_meta(db, "schema_version", SCHEMA_VERSION)
+                self.set_meta(db, "split_seed", split_seed or secrets.token_hex(8))
+                self.set_meta(db, "split_ratios", list(split_ratios))
+                self.set_meta(db, "settings", DEFAULT_SETTINGS)
+                self.set_meta(db, "created", time.time())
         for sub in ("labels/final", "labels/original", "labels/corrections", "models", "inference", "jobs"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
@@ -292,7 +343,7 @@ class Datastore:
         return conn
 
     @contextmanager
-    def _tx(self):
+    def transaction(self):
         """A write transaction taken up front (BEGIN IMMEDIATE), so read-then-write sequences are atomic."""
         db = self.db
         db.execute("BEGIN IMMEDIATE")
@@ -311,12 +362,12 @@ class Datastore:
             self._local.conn = None
 
     @staticmethod
-    def _meta_get(db, key: str, default=None):
+    def get_meta(db, key: str, default=None):
         row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return default if row is None else json.loads(row["value"])
 
     @staticmethod
-    def _meta_set(db, key: str, value) -> None:
+    def set_meta(db, key: str, value) -> None:
         db.execute("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
                    (key, json.dumps(value)))
 
@@ -332,24 +383,24 @@ class Datastore:
     # -- settings and token ---------------------------------------------------------------------------------
     @property
     def settings(self) -> dict:
-        return _merge(DEFAULT_SETTINGS, self._meta_get(self.db, "settings", {}))
+        return _merge(DEFAULT_SETTINGS, self.get_meta(self.db, "settings", {}))
 
     def update_settings(self, changes: dict) -> dict:
         unknown = [k for k in changes if k not in DEFAULT_SETTINGS]
         if unknown:
             raise InvalidInput(f"unknown setting(s) {unknown}; known: {sorted(DEFAULT_SETTINGS)}")
-        with self._tx() as db:
-            merged = _merge(_merge(DEFAULT_SETTINGS, self._meta_get(db, "settings", {})), changes)
-            self._meta_set(db, "settings", merged)
+        with self.transaction() as db:
+            merged = _merge(_merge(DEFAULT_SETTINGS, self.get_meta(db, "settings", {})), changes)
+            self.set_meta(db, "settings", merged)
         return merged
 
     @property
     def split_seed(self) -> str:
-        return self._meta_get(self.db, "split_seed")
+        return self.get_meta(self.db, "split_seed")
 
     @property
     def split_ratios(self) -> tuple[float, float, float]:
-        return tuple(self._meta_get(self.db, "split_ratios"))
+        return tuple(self.get_meta(self.db, "split_ratios"))
 
     @property
     def token_path(self) -> Path:
@@ -401,7 +452,7 @@ class Datastore:
         elif sha256_file(dest) != digest:
             raise Conflict(f"{dest.name} exists with different content but is not indexed; run datastore-check")
         split = split or hash_split(case_id, self.split_seed, self.split_ratios)
-        with self._tx() as db:
+        with self.transaction() as db:
             if db.execute("SELECT 1 FROM cases WHERE case_id = ?", (case_id,)).fetchone():
                 return self.case(case_id), False  # a concurrent identical upload won
             db.execute(
@@ -420,7 +471,7 @@ class Datastore:
                 os.replace(source, tmp)
             else:
                 shutil.copyfile(source, tmp)
-            _fsync_file(Path(tmp))
+            fsync_file(Path(tmp))
             os.link(tmp, dest)
             _fsync_dir(dest.parent)
         finally:
@@ -489,7 +540,7 @@ class Datastore:
         return [self._case_dict(r, counts, leases, now) for r in rows]
 
     def set_score(self, case_id: str, mean: float, total: float, model_version: str) -> None:
-        with self._tx() as db:
+        with self.transaction() as db:
             db.execute("UPDATE cases SET score = ?, score_sum = ?, score_model = ?, score_time = ? WHERE case_id = ?",
                        (float(mean), float(total), model_version, time.time(), case_id))
 
@@ -501,20 +552,18 @@ class Datastore:
         ).fetchall()
         return [r["case_id"] for r in rows]
 
-    def next_case(self, strategy: str = "uncertainty", annotator: str = "anonymous", split: str = "train",
-                  rng: np.random.Generator | None = None) -> dict | None:
-        """Pick the next case for `annotator` and lease it; None when nothing is left.
+    def next_case(self, strategy, annotator: str = "anonymous", split: str = "train") -> dict | None:
+        """Pick the next case for `annotator` with a review-ordering strategy (training.strategies) and lease it;
+        None when nothing is left.
 
-        uncertainty / uncertainty_sum: highest mean / summed uncertainty first, unscored cases last (by id).
-        random: uniform among the candidates. Cases leased by another annotator (unexpired) are skipped.
+        The candidates are the split's cases with no final label and no correction, except those leased by another
+        annotator (unexpired); the annotator's own leased case stays a candidate, so asking again resumes it.
         """
-        if strategy not in ("uncertainty", "uncertainty_sum", "random"):
-            raise InvalidInput(f"strategy must be uncertainty, uncertainty_sum or random; got {strategy!r}")
         validate_author(annotator)
         if split not in SPLITS:
             raise InvalidInput(f"split must be one of {SPLITS}, got {split!r}")
         lease_s = float(self.settings["lease_s"])
-        with self._tx() as db:
+        with self.transaction() as db:
             now = time.time()
             rows = db.execute(
                 "SELECT c.case_id, c.score, c.score_sum FROM cases c LEFT JOIN leases l ON l.case_id = c.case_id "
@@ -524,25 +573,18 @@ class Datastore:
             ).fetchall()
             if not rows:
                 return None
-            if strategy == "random":
-                rng = rng or np.random.default_rng()
-                pick = rows[int(rng.integers(len(rows)))]["case_id"]
-            else:
-                key = "score" if strategy == "uncertainty" else "score_sum"
-                scored = sorted((r for r in rows if r[key] is not None), key=lambda r: (-r[key], r["case_id"]))
-                unscored = sorted((r for r in rows if r[key] is None), key=lambda r: r["case_id"])
-                pick = (scored + unscored)[0]["case_id"]
+            pick = strategy.pick([Candidate(r["case_id"], r["score"], r["score_sum"]) for r in rows])
             db.execute(
                 "INSERT INTO leases(case_id, annotator, expires) VALUES (?, ?, ?) ON CONFLICT(case_id) DO UPDATE SET "
                 "annotator = excluded.annotator, expires = excluded.expires", (pick, annotator, now + lease_s))
         out = self.case(pick)
-        out["strategy"] = strategy
+        out["strategy"] = strategy.name
         out["lease_expires"] = out["lease"]["expires"] if out["lease"] else None
         return out
 
     def release_lease(self, case_id: str, annotator: str | None = None) -> bool:
         checked_case_id(case_id)
-        with self._tx() as db:
+        with self.transaction() as db:
             if annotator is None:
                 cur = db.execute("DELETE FROM leases WHERE case_id = ?", (case_id,))
             else:
@@ -562,13 +604,23 @@ class Datastore:
 
     def add_label(self, case_id: str, label: Volume, kind: str = "final", author: str = "anonymous",
                   reviewed_mask: Volume | None = None, model_version: str | None = None,
-                  inference_id: str | None = None, submission_id: str | None = None) -> tuple[dict, bool]:
+                  inference_id: str | None = None, submission_id: str | None = None,
+                  uncertainty_kind: str | None = None, threshold: float | None = None) -> tuple[dict, bool]:
         """Store one immutable label revision; returns (revision, created). A repeated submission_id returns the
-        revision stored the first time."""
+        revision stored the first time.
+
+        A correction archives the uncertainty map the annotator was shown: the `uncertainty_kind` map (default
+        contract.DEFAULT_UNCERTAINTY) of inference `inference_id`, else of the newest inference of `model_version`;
+        the kind and the region `threshold` are recorded with the revision."""
         checked_case_id(case_id)
         if kind not in LABEL_KINDS:
             raise InvalidInput(f"kind must be one of {LABEL_KINDS}, got {kind!r}")
         validate_author(author)
+        if kind == "correction":
+            uncertainty_kind = validate_uncertainty_kind(uncertainty_kind or contract.DEFAULT_UNCERTAINTY)
+            threshold = None if threshold is None else validate_threshold(threshold)
+        else:  # a whole label was not made against an uncertainty map
+            uncertainty_kind = threshold = None
         if model_version is not None and model_version != "":
             validate_version(model_version)
         else:
@@ -603,29 +655,35 @@ class Datastore:
                 raise InvalidInput(f"a {kind} label covers the whole case; send a reviewed mask only with corrections")
             mask = None
         geom = grid.geometry
-        uncertainty_src = self._shown_uncertainty(case_id, inference_id, model_version)
+        uncertainty_src = self._shown_uncertainty(case_id, inference_id, model_version,
+                                                  uncertainty_kind or contract.DEFAULT_UNCERTAINTY)
         if kind == "correction":
+            shown = {"uncertainty_kind": uncertainty_kind, "threshold": threshold}
             rel_label, rel_mask, rel_unc = self._write_correction(case_id, author, Volume(lab, geom), Volume(mask, geom),
-                                                                  uncertainty_src, model_version)
+                                                                  uncertainty_src, model_version, shown)
         else:
             rel_label, rel_mask, rel_unc = self._write_whole_label(case_id, kind, Volume(lab, geom)), None, None
         digest = sha256_file(self.abs(rel_label))
-        with self._tx() as db:
+        with self.transaction() as db:
             if submission_id:
                 row = db.execute("SELECT * FROM labels WHERE submission_id = ?", (submission_id,)).fetchone()
                 if row is not None:  # a concurrent retry won the race; our files stay unindexed and unused
                     return self._revision_dict(row), False
             cur = db.execute(
                 "INSERT INTO labels(case_id, kind, author, model_version, created, path, reviewed_mask, uncertainty, "
-                "reviewed_voxels, foreground_voxels, submission_id, sha256) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                (case_id, kind, author, model_version, time.time(), rel_label, rel_mask, rel_unc,
-                 int(mask.sum()) if mask is not None else int(lab.size), int((lab > 0).sum()), submission_id, digest),
+                "uncertainty_kind, threshold, reviewed_voxels, foreground_voxels, submission_id, sha256) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (case_id, kind, author, model_version, time.time(), rel_label, rel_mask, rel_unc, uncertainty_kind,
+                 threshold, int(mask.sum()) if mask is not None else int(lab.size), int((lab > 0).sum()),
+                 submission_id, digest),
             )
             db.execute("DELETE FROM leases WHERE case_id = ?", (case_id,))
             row = db.execute("SELECT * FROM labels WHERE revision = ?", (cur.lastrowid,)).fetchone()
         return self._revision_dict(row), True
 
-    def _shown_uncertainty(self, case_id: str, inference_id: str | None, model_version: str | None) -> Path | None:
+    def _shown_uncertainty(self, case_id: str, inference_id: str | None, model_version: str | None,
+                           kind: str) -> Path | None:
+        """The `kind` map of the inference the annotator saw; None when no inference is named or known."""
         if inference_id:
             if not INFERENCE_ID_RE.match(inference_id):
                 raise InvalidInput(f"invalid inference id {inference_id!r}")
@@ -640,8 +698,7 @@ class Datastore:
             return None
         if row is None:
             return None
-        meta = json.loads((self.abs(row["path"]) / "inference.json").read_text())
-        path = self.abs(row["path"]) / f"{meta.get('uncertainty_kind', 'entropy')}.nrrd"
+        path = self.abs(row["path"]) / f"{validate_uncertainty_kind(kind)}.nrrd"
         return path if path.is_file() else None
 
     def _write_whole_label(self, case_id: str, kind: str, label: Volume) -> str:
@@ -658,7 +715,7 @@ class Datastore:
             n += 1
 
     def _write_correction(self, case_id: str, author: str, label: Volume, mask: Volume, uncertainty_src: Path | None,
-                          model_version: str | None) -> tuple[str, str, str | None]:
+                          model_version: str | None, shown: dict) -> tuple[str, str, str | None]:
         parent = self.root / "labels" / "corrections" / author / case_id
         parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=parent))
@@ -668,14 +725,14 @@ class Datastore:
             has_unc = uncertainty_src is not None
             if has_unc:
                 shutil.copyfile(uncertainty_src, staging / "uncertainty.nrrd")
-                _fsync_file(staging / "uncertainty.nrrd")
+                fsync_file(staging / "uncertainty.nrrd")
             meta = {"case_id": case_id, "author": author, "model_version": model_version, "created": iso(time.time()),
                     "reviewed_voxels": int(mask.array.sum()), "foreground_voxels": int((label.array > 0).sum()),
-                    "uncertainty_shown": has_unc}
+                    "uncertainty_shown": has_unc, **shown}
             (staging / "revision.json").write_text(json.dumps(meta, indent=2))
-            _fsync_file(staging / "revision.json")
+            fsync_file(staging / "revision.json")
             _fsync_dir(staging)
-            dest = self._rename_numbered(staging, parent, "r")
+            dest = self.rename_numbered(staging, parent, "r")
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -683,7 +740,7 @@ class Datastore:
                 self.rel(dest / "uncertainty.nrrd") if has_unc else None)
 
     @staticmethod
-    def _rename_numbered(staging: Path, parent: Path, prefix: str, width: int = 4) -> Path:
+    def rename_numbered(staging: Path, parent: Path, prefix: str, width: int = 4) -> Path:
         """Rename a complete staging folder to the next free `<prefix><n>`; an existing (non-empty) target makes the
         rename fail, so two writers never share a number and nothing is ever replaced."""
         taken = [int(p.name[len(prefix):]) for p in parent.iterdir()
@@ -711,6 +768,7 @@ class Datastore:
             "revision": row["revision"], "case_id": row["case_id"], "kind": row["kind"], "author": row["author"],
             "model_version": row["model_version"], "created": iso(row["created"]), "files": files,
             "reviewed_voxels": row["reviewed_voxels"], "foreground_voxels": row["foreground_voxels"],
+            "uncertainty_kind": row["uncertainty_kind"], "threshold": row["threshold"],
         }
 
     def revisions(self, case_id: str) -> list[dict]:
@@ -733,59 +791,6 @@ class Datastore:
     def corrections_count(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM labels WHERE kind = 'correction'").fetchone()[0]
 
-    # -- training data --------------------------------------------------------------------------------------
-    def training_snapshot(self) -> dict:
-        """Which revisions a training run uses, fixed at the job's start (so labels arriving later don't leak in).
-
-        train: {case_id: [revision ids to apply, oldest first]} for every train-split case ([] = unlabeled).
-        val: {case_id: final revision id} for val-split cases with a final label.
-        """
-        cases = self.db.execute("SELECT case_id, split FROM cases ORDER BY case_id").fetchall()
-        revs = self.db.execute("SELECT revision, case_id, kind FROM labels WHERE kind IN ('final', 'correction') "
-                               "ORDER BY revision").fetchall()
-        by_case: dict[str, list] = {}
-        for r in revs:
-            by_case.setdefault(r["case_id"], []).append((r["revision"], r["kind"]))
-        train, val = {}, {}
-        for c in cases:
-            rs = by_case.get(c["case_id"], [])
-            if c["split"] == "train":
-                last_final = max((i for i, (_, k) in enumerate(rs) if k == "final"), default=None)
-                use = rs if last_final is None else rs[last_final:]
-                train[c["case_id"]] = [rev for rev, _ in use]
-            elif c["split"] == "val":
-                finals = [rev for rev, k in rs if k == "final"]
-                if finals:
-                    val[c["case_id"]] = finals[-1]
-        return {"train": train, "val": val}
-
-    def load_training_set(self, snapshot: dict) -> tuple[list[Sample], list[Sample]]:
-        """Samples for the trainer from a snapshot: final → all labeled; corrections applied in order inside their
-        reviewed masks (later wins); nothing → unlabeled. Validation samples are fully labeled."""
-        samples = []
-        for case_id, rev_ids in snapshot["train"].items():
-            image = self.load_image(case_id)
-            label = np.zeros(image.shape, np.uint8)
-            known = np.zeros(image.shape, np.uint8)
-            for rev in rev_ids:
-                row = self.db.execute("SELECT * FROM labels WHERE revision = ?", (rev,)).fetchone()
-                lab = read_label(self.abs(row["path"])).array
-                if row["kind"] == "final":
-                    label[...] = lab
-                    known[...] = 1
-                else:
-                    m = read_label(self.abs(row["reviewed_mask"])).array > 0
-                    label[m] = lab[m]
-                    known[m] = 1
-            samples.append(Sample(case_id, image.array.astype(np.float32), label, known))
-        val = []
-        for case_id, rev in snapshot["val"].items():
-            image = self.load_image(case_id)
-            row = self.db.execute("SELECT * FROM labels WHERE revision = ?", (rev,)).fetchone()
-            lab = read_label(self.abs(row["path"])).array
-            val.append(Sample(case_id, image.array.astype(np.float32), lab, np.ones(image.shape, np.uint8)))
-        return samples, val
-
     # -- inference cache ------------------------------------------------------------------------------------
     def inference_dir(self, case_id: str, inference_id: str) -> Path:
         checked_case_id(case_id)
@@ -798,6 +803,8 @@ class Datastore:
         return self.abs(row["path"])
 
     def find_inference(self, case_id: str, model_version: str, passes: int) -> dict | None:
+        """The newest cached inference of (case, model version, passes): its inference.json, or None. An entry holds
+        every uncertainty map, so it serves any kind."""
         row = self.db.execute("SELECT * FROM inferences WHERE case_id = ? AND model_version = ? AND passes = ? "
                               "ORDER BY created DESC", (case_id, model_version, int(passes))).fetchone()
         if row is None or not (self.abs(row["path"]) / "inference.json").is_file():
@@ -805,7 +812,10 @@ class Datastore:
         return json.loads((self.abs(row["path"]) / "inference.json").read_text())
 
     def add_inference(self, case_id: str, model_version: str, passes: int, volumes: dict[str, Volume], meta: dict) -> dict:
-        """Cache one inference's volumes under inference/<case>/<id>/ (folder renamed into place, then indexed)."""
+        """Cache one inference's volumes under inference/<case>/<id>/ (folder renamed into place, then indexed).
+
+        meta: what describes every map (it must not depend on the kind a request asked for); its "score"
+        {"mean", "sum"} is indexed with the entry."""
         inference_id = uuid.uuid4().hex[:16]
         parent = self.root / "inference" / case_id
         parent.mkdir(parents=True, exist_ok=True)
@@ -816,24 +826,59 @@ class Datastore:
             meta = {**meta, "inference_id": inference_id, "case_id": case_id, "model_version": model_version,
                     "passes": int(passes), "created": iso(time.time())}
             (staging / "inference.json").write_text(json.dumps(meta))
-            _fsync_file(staging / "inference.json")
+            fsync_file(staging / "inference.json")
             dest = parent / inference_id
             os.rename(staging, dest)
             _fsync_dir(parent)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        with self._tx() as db:
+        with self.transaction() as db:
             db.execute("INSERT INTO inferences(inference_id, case_id, model_version, passes, created, path, "
                        "uncertainty_mean, uncertainty_sum) VALUES (?,?,?,?,?,?,?,?)",
                        (inference_id, case_id, model_version, int(passes), time.time(), self.rel(dest),
-                        meta.get("uncertainty_mean"), meta.get("uncertainty_sum")))
+                        (meta.get("score") or {}).get("mean"), (meta.get("score") or {}).get("sum")))
         return meta
+
+    def inference_volume(self, case_id: str, inference_id: str, name: str) -> Path:
+        """One stored map of an inference: label, probability or an uncertainty kind."""
+        if name not in ("label", "probability", *contract.UNCERTAINTY_KINDS):
+            raise NotFound(f"an inference has no volume {name!r}")
+        path = self.inference_dir(case_id, inference_id) / f"{name}.nrrd"
+        if not path.is_file():
+            raise NotFound(f"inference {inference_id} of {case_id!r} has no {name} volume")
+        return path
+
+    def region_map_path(self, case_id: str, inference_id: str, view: str) -> Path:
+        """Where the rank map of one region view of an inference lives (it may not exist yet). The view must be
+        exactly what `region_view` makes, so the name can never leave the inference folder."""
+        if not isinstance(view, str) or not REGION_VIEW_RE.match(view):
+            raise NotFound(f"unknown region view {view!r}")
+        folder = self.inference_dir(case_id, inference_id)
+        path = folder / f"regions-{view}.nrrd"
+        if path.resolve().parent != folder.resolve():
+            raise NotFound(f"unknown region view {view!r}")
+        return path
+
+    def put_region_map(self, case_id: str, inference_id: str, view: str, rank_map: Volume) -> Path:
+        """Store a view's rank map (int32, the image's grid) atomically; an existing one is kept, since a view's map
+        is a pure function of the stored uncertainty map and the view's parameters."""
+        path = self.region_map_path(case_id, inference_id, view)
+        if not path.is_file():
+            write_volume(Volume(np.asarray(rank_map.array, np.int32), rank_map.geometry), path)
+        return path
+
+    def region_map(self, case_id: str, inference_id: str, view: str) -> Path:
+        """The stored rank map of a view; NotFound when the view is ill-formed or was never computed."""
+        path = self.region_map_path(case_id, inference_id, view)
+        if not path.is_file():
+            raise NotFound(f"inference {inference_id} of {case_id!r} has no region map {view!r}")
+        return path
 
     # -- jobs -----------------------------------------------------------------------------------------------
     def create_job(self, params: dict, trigger: str = "manual", kind: str = "train") -> dict:
         job_id = uuid.uuid4().hex[:12]
-        with self._tx() as db:
+        with self.transaction() as db:
             db.execute("INSERT INTO jobs(job_id, kind, status, params, trigger, created, corrections_seen) "
                        "VALUES (?, ?, 'queued', ?, ?, ?, ?)",
                        (job_id, kind, json.dumps(params), trigger, time.time(), self.corrections_count()))
@@ -845,7 +890,7 @@ class Datastore:
         n = int(self.settings["retrain_every"])
         if n <= 0:
             return None
-        with self._tx() as db:
+        with self.transaction() as db:
             if db.execute("SELECT 1 FROM jobs WHERE kind = 'train' AND status IN ('queued', 'running')").fetchone():
                 return None
             last = db.execute("SELECT MAX(corrections_seen) FROM jobs WHERE kind = 'train'").fetchone()[0] or 0
@@ -889,7 +934,7 @@ class Datastore:
 
     def claim_job(self, worker: str) -> dict | None:
         """Atomically move the oldest queued job to running for this worker (BEGIN IMMEDIATE serialises claimers)."""
-        with self._tx() as db:
+        with self.transaction() as db:
             row = db.execute("SELECT job_id FROM jobs WHERE status = 'queued' ORDER BY created LIMIT 1").fetchone()
             if row is None:
                 return None
@@ -901,14 +946,14 @@ class Datastore:
 
     def heartbeat(self, job_id: str, worker: str) -> bool:
         """Refresh a running job's heartbeat; returns whether cancellation was requested (or the job was taken)."""
-        with self._tx() as db:
+        with self.transaction() as db:
             db.execute("UPDATE jobs SET heartbeat = ? WHERE job_id = ? AND worker = ? AND status = 'running'",
                        (time.time(), job_id, worker))
             row = db.execute("SELECT status, worker, cancel_requested FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
         return bool(row["cancel_requested"]) or row["status"] != "running" or row["worker"] != worker
 
     def update_progress(self, job_id: str, progress: dict, history: list | None = None) -> None:
-        with self._tx() as db:
+        with self.transaction() as db:
             if history is None:
                 db.execute("UPDATE jobs SET progress = ?, heartbeat = ? WHERE job_id = ?",
                            (json.dumps(progress), time.time(), job_id))
@@ -921,7 +966,7 @@ class Datastore:
         """End a running job; returns False when this worker no longer owns it (it was recovered meanwhile)."""
         if status not in FINISHED_STATES:
             raise ValueError(f"finish status must be one of {FINISHED_STATES}")
-        with self._tx() as db:
+        with self.transaction() as db:
             q = "UPDATE jobs SET status = ?, finished = ?, result = ?, error = ? WHERE job_id = ? AND status = 'running'"
             args = [status, time.time(), json.dumps(result) if result is not None else None, error, job_id]
             if worker is not None:
@@ -931,7 +976,7 @@ class Datastore:
 
     def request_cancel(self, job_id: str) -> dict:
         row = self._job_row(job_id)
-        with self._tx() as db:
+        with self.transaction() as db:
             if row["status"] == "queued":
                 db.execute("UPDATE jobs SET status = 'cancelled', finished = ?, cancel_requested = 1, "
                            "error = 'cancelled before it started' WHERE job_id = ? AND status = 'queued'",
@@ -949,7 +994,7 @@ class Datastore:
         recovered = []
         if self.db.execute("SELECT 1 FROM jobs WHERE status = 'running' LIMIT 1").fetchone() is None:
             return recovered  # the common idle case: no write transaction, no fsync
-        with self._tx() as db:
+        with self.transaction() as db:
             for row in db.execute("SELECT * FROM jobs WHERE status = 'running'").fetchall():
                 dead = row["host"] == host and row["pid"] is not None and not _pid_alive(row["pid"])
                 stale = (row["heartbeat"] or 0) < now - stale_after_s
@@ -971,89 +1016,6 @@ class Datastore:
     def job_dir(self, job_id: str) -> Path:
         self._job_row(job_id)
         return self.root / "jobs" / job_id
-
-    # -- models ---------------------------------------------------------------------------------------------
-    @property
-    def current_model(self) -> str | None:
-        return self._meta_get(self.db, "current_model")
-
-    def model_path(self, version: str) -> Path:
-        return self.abs(self._model_row(version)["path"])
-
-    def _model_row(self, version: str) -> sqlite3.Row:
-        validate_version(version)
-        row = self.db.execute("SELECT * FROM models WHERE version = ?", (version,)).fetchone()
-        if row is None:
-            raise NotFound(f"unknown model version {version!r}")
-        return row
-
-    def _model_dict(self, row: sqlite3.Row, current: str | None) -> dict:
-        return {
-            "version": row["version"], "created": iso(row["created"]), "job_id": row["job_id"], "parent": row["parent"],
-            "method": row["method"], "metrics": json.loads(row["metrics"]), "trained_on": json.loads(row["trained_on"]),
-            "promoted": bool(row["promoted"]), "current": row["version"] == current, "decision": row["decision"],
-            "sha256": row["sha256"],
-        }
-
-    def model(self, version: str) -> dict:
-        return self._model_dict(self._model_row(version), self.current_model)
-
-    def models(self) -> list[dict]:
-        cur = self.current_model
-        return [self._model_dict(r, cur) for r in self.db.execute("SELECT * FROM models ORDER BY version")]
-
-    def add_model_version(self, checkpoint_file: Path, meta: dict, job_id: str | None = None) -> dict:
-        """Publish a checkpoint as a new immutable version: copy into a staging folder, fsync, rename the folder to the
-        next free vNNNN, then index it. `meta`: parent, method, metrics, trained_on, decision (not yet promoted)."""
-        from SSLSegmentLib.ml.trainer import load_checkpoint
-
-        ckpt = load_checkpoint(checkpoint_file)  # refuses anything that is not a readable SSLSegment checkpoint
-        models_dir = self.root / "models"
-        staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=models_dir))
-        try:
-            shutil.copyfile(checkpoint_file, staging / "model.pt")
-            _fsync_file(staging / "model.pt")
-            digest = sha256_file(staging / "model.pt")
-            info = {"job_id": job_id, "sha256": digest, "created": iso(time.time()),
-                    "network": ckpt.get("network"), "train_config": ckpt.get("train_config"), **meta}
-            (staging / "version.json").write_text(json.dumps(info, indent=2, default=str))
-            _fsync_file(staging / "version.json")
-            _fsync_dir(staging)
-            dest = self._rename_numbered(staging, models_dir, "v")
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        version = dest.name
-        info["version"] = version
-        with self._tx() as db:
-            db.execute("INSERT INTO models(version, created, job_id, parent, method, path, sha256, metrics, trained_on, "
-                       "promoted, decision) VALUES (?,?,?,?,?,?,?,?,?,0,?)",
-                       (version, time.time(), job_id, meta.get("parent"), meta.get("method") or ckpt.get("method"),
-                        self.rel(dest / "model.pt"), digest, json.dumps(meta.get("metrics", {}), default=float),
-                        json.dumps(meta.get("trained_on", {})), meta.get("decision")))
-        return self.model(version)
-
-    def set_decision(self, version: str, decision: str) -> None:
-        with self._tx() as db:
-            db.execute("UPDATE models SET decision = ? WHERE version = ?", (decision, version))
-
-    def promote(self, version: str, reason: str = "manual", expected_current: str | None = "*") -> dict:
-        """Make `version` current. expected_current (not "*"): only if current is still that (compare-and-set, so a
-        job never overrides a manual promotion that happened while it trained)."""
-        self._model_row(version)
-        with self._tx() as db:
-            previous = self._meta_get(db, "current_model")
-            if expected_current != "*" and previous != expected_current:
-                raise Conflict(f"current model changed from {expected_current} to {previous} while the job ran")
-            self._meta_set(db, "current_model", version)
-            db.execute("UPDATE models SET promoted = 1 WHERE version = ?", (version,))
-            db.execute("INSERT INTO promotions(version, previous, at, reason) VALUES (?,?,?,?)",
-                       (version, previous, time.time(), reason))
-        return {"current": version, "previous": previous}
-
-    def promotion_history(self) -> list[dict]:
-        return [{"version": r["version"], "previous": r["previous"], "at": iso(r["at"]), "reason": r["reason"]}
-                for r in self.db.execute("SELECT * FROM promotions ORDER BY id")]
 
     # -- consistency ----------------------------------------------------------------------------------------
     def check(self, clean: bool = False) -> dict:
@@ -1099,8 +1061,6 @@ class Datastore:
             "n_labeled": db.execute("SELECT COUNT(DISTINCT case_id) FROM labels WHERE kind = 'final'").fetchone()[0],
             "n_corrections": self.corrections_count(),
             "jobs": jobs,
-            "current_model": self.current_model,
-            "n_models": db.execute("SELECT COUNT(*) FROM models").fetchone()[0],
         }
 
 

@@ -22,7 +22,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -34,146 +33,38 @@ from pathlib import Path
 
 import numpy as np
 
-from training.datastore import Conflict, Datastore, InvalidInput, NotFound, validate_version
+from SSLSegmentLib.review.local_backend import free_port, kill_group, process_group_kwargs
 
-TRAIN_PARAM_KEYS = {
-    "method", "iterations", "lr", "batch_labeled", "batch_unlabeled", "seed", "val_interval", "patch_size", "tolerance",
-    "init", "network", "method_options", "nproc", "device", "momentum", "weight_decay", "ema_decay", "augment",
-    "lr_schedule", "rampup_steps", "eval_model",
-}
-_CONFIG_KEYS = {
-    "method", "iterations", "lr", "batch_labeled", "batch_unlabeled", "seed", "val_interval", "patch_size",
-    "method_options", "device", "momentum", "weight_decay", "ema_decay", "augment", "lr_schedule", "rampup_steps",
-    "eval_model",
-}
-DEFAULT_PATCH = (32, 48, 48)
-
-
-class JobFailed(RuntimeError):
-    """A job ended with a reason the user should read."""
-
-
-def resolve_train_params(store: Datastore, params: dict | None, default_nproc: int | None = None) -> dict:
-    """Merge request params over the datastore's training defaults and check them; raises InvalidInput.
-
-    The server calls this before queueing (a bad request is a 400, not a failed job) and the worker again when the
-    job starts (the parent model may have changed in between)."""
-    from SSLSegmentLib.ml.methods import available_methods
-
-    params = dict(params or {})
-    unknown = sorted(set(params) - TRAIN_PARAM_KEYS)
-    if unknown:
-        raise InvalidInput(f"unknown training parameter(s) {unknown}; known: {sorted(TRAIN_PARAM_KEYS)}")
-    settings = store.settings
-    merged = {**settings["train"], **{k: v for k, v in params.items() if v is not None}}
-    if "nproc" not in params and default_nproc:
-        merged["nproc"] = default_nproc
-    merged.setdefault("tolerance", settings["tolerance"])
-    merged.setdefault("init", "current")
-    if merged["method"] not in available_methods():
-        raise InvalidInput(f"unknown method {merged['method']!r}; available: {', '.join(available_methods())}")
-    for key in ("iterations", "batch_labeled", "batch_unlabeled", "val_interval", "seed", "nproc"):
-        v = merged.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
-            raise InvalidInput(f"{key} must be an integer, got {v!r}")
-    if not 1 <= merged["iterations"] <= 1_000_000:
-        raise InvalidInput(f"iterations must be between 1 and 1000000, got {merged['iterations']}")
-    if not 1 <= int(merged.get("nproc", 1)) <= 64:
-        raise InvalidInput(f"nproc must be between 1 and 64, got {merged['nproc']}")
-    for key in ("lr", "tolerance"):
-        v = merged[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise InvalidInput(f"{key} must be a finite number, got {v!r}")
-    if merged["lr"] <= 0:
-        raise InvalidInput(f"lr must be positive, got {merged['lr']}")
-    init = merged["init"]
-    if init not in ("current", "scratch"):
-        try:
-            validate_version(init)
-            store.model(init)
-        except (InvalidInput, NotFound) as exc:
-            raise InvalidInput(f"init must be 'current', 'scratch' or an existing version: {exc}") from None
-    if "patch_size" in merged and merged["patch_size"] is not None:
-        ps = merged["patch_size"]
-        if not isinstance(ps, (list, tuple)) or len(ps) != 3 or not all(isinstance(p, int) and p > 0 for p in ps):
-            raise InvalidInput(f"patch_size must be three positive integers [z, y, x], got {ps!r}")
-    if "method_options" in merged and not isinstance(merged["method_options"], dict):
-        raise InvalidInput("method_options must be an object")
-    if "network" in merged and merged["network"] is not None:
-        from SSLSegmentLib.ml.networks import NetworkConfig
-
-        if not isinstance(merged["network"], dict):
-            raise InvalidInput("network must be an object of NetworkConfig fields")
-        try:
-            NetworkConfig(**merged["network"])
-        except (TypeError, ValueError) as exc:
-            raise InvalidInput(f"network: {exc}") from None
-    return merged
-
-
-def build_train_config(params: dict, init_ckpt: dict | None):
-    """The TrainConfig of a job: the parent's network (and patch size, unless given) when fine-tuning."""
-    from SSLSegmentLib.ml.networks import NetworkConfig
-    from SSLSegmentLib.ml.trainer import TrainConfig
-
-    cfg = {k: params[k] for k in _CONFIG_KEYS if k in params and params[k] is not None}
-    if init_ckpt is not None:
-        cfg["network"] = init_ckpt["network"]
-        cfg.setdefault("patch_size", tuple(init_ckpt.get("train_config", {}).get("patch_size", DEFAULT_PATCH)))
-    else:
-        cfg["network"] = NetworkConfig(**params["network"]).to_dict() if params.get("network") else NetworkConfig().to_dict()
-        cfg.setdefault("patch_size", DEFAULT_PATCH)
-    cfg["val_interval"] = min(int(cfg.get("val_interval", 50)), int(cfg["iterations"]))
-    try:
-        return TrainConfig(**cfg)
-    except (TypeError, ValueError) as exc:
-        raise JobFailed(f"invalid training configuration: {exc}") from None
+from training.datastore import Conflict, Datastore, InvalidInput
+from training.jobs import JobFailed, build_train_config, resolve_train_params
+from training.registry import ModelRegistry, promotion_decision
+from training.strategies import record_score
+from training.training_set import load_training_set, training_snapshot
 
 
 def validation_dice(model, val_samples, patch_size, device="cpu", overlap: float = 0.25) -> float:
-    """Mean foreground Dice over fixed validation samples (same rule as Trainer.validate)."""
-    from SSLSegmentLib.ml.inference import predict_volume
+    """Mean foreground Dice over fixed validation samples (one deterministic pass each)."""
+    from SSLSegmentLib.ml.inference import Predictor
+    from SSLSegmentLib.ml.metrics import dice
 
     if not val_samples:
         return math.nan
-    dices = []
-    for s in val_samples:
-        pred = predict_volume(model=model, image=s.image, patch_size=tuple(patch_size), passes=1, overlap=overlap,
-                              device=device)
-        p, t = pred.label > 0, s.label > 0
-        denom = p.sum() + t.sum()
-        dices.append(1.0 if denom == 0 else 2.0 * np.logical_and(p, t).sum() / denom)
-    return float(np.mean(dices))
-
-
-def promotion_decision(new_dice: float, parent_dice: float | None, parent: str | None, tolerance: float) -> tuple[bool, str]:
-    """(promote?, reason). Rules in docs/backend.md: no validation → never automatic; no parent → promote;
-    else promote when new >= parent − tolerance."""
-    if new_dice is None or not math.isfinite(new_dice):
-        return False, "no validation case has a final label, so the version was not promoted automatically; promote it by hand"
-    if parent is None:
-        return True, f"first model version (validation Dice {new_dice:.4f})"
-    if parent_dice is None or not math.isfinite(parent_dice):
-        return True, f"validation Dice {new_dice:.4f}; the parent {parent} could not be validated"
-    if new_dice >= parent_dice - tolerance:
-        return True, (f"validation Dice {new_dice:.4f} vs {parent_dice:.4f} for {parent} "
-                      f"(change {new_dice - parent_dice:+.4f}, tolerance {tolerance})")
-    return False, (f"not promoted: validation Dice dropped from {parent_dice:.4f} ({parent}) to {new_dice:.4f} "
-                   f"({new_dice - parent_dice:+.4f}, more than the tolerance {tolerance})")
+    predictor = Predictor(model, patch_size, passes=1, overlap=overlap, device=device)
+    return float(np.mean([dice(predictor(s.image).label > 0, s.label > 0) for s in val_samples]))
 
 
 def score_cases(store: Datastore, model, version: str, patch_size, passes: int, device="cpu",
                 should_stop=lambda: False) -> int:
-    """Mean and summed normalised entropy of every unreviewed train case under `version` (active-learning ranks)."""
-    from SSLSegmentLib.ml.inference import predict_volume
+    """Score every unreviewed train case under `version` (the case score of training.strategies), so the
+    uncertainty orderings of `GET /cases/next` rank them under the new model."""
+    from SSLSegmentLib.ml.inference import Predictor
 
+    predictor = Predictor(model, patch_size, passes=passes, device=device, version=version)
     n = 0
     for case_id in store.unreviewed("train"):
         if should_stop():
             break
-        pred = predict_volume(model=model, image=store.load_image(case_id), patch_size=tuple(patch_size), passes=passes,
-                              device=device)
-        store.set_score(case_id, float(pred.entropy.mean()), float(pred.entropy.sum()), version)
+        record_score(store, case_id, predictor(store.load_image(case_id)), version)
         n += 1
     return n
 
@@ -249,6 +140,7 @@ class Worker:
                  stale_after_s: float = 60.0, max_attempts: int = 2, heartbeat_s: float = 2.0, nproc: int | None = None,
                  threads: int | None = None, device: str | None = None, log=print):
         self.store = Datastore(datastore)
+        self.registry = ModelRegistry(self.store)
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.poll_s, self.stale_after_s, self.max_attempts = poll_s, stale_after_s, max_attempts
         self.heartbeat_s, self.nproc, self.device = heartbeat_s, nproc, device
@@ -319,18 +211,18 @@ class Worker:
         return self.store.job(job_id)
 
     def _train(self, job: dict, scratch: Path, cancel: threading.Event) -> dict:
-        from SSLSegmentLib.ml.trainer import load_checkpoint, model_from_checkpoint
+        from SSLSegmentLib.ml.trainer import checkpoint_patch_size, load_checkpoint, model_from_checkpoint
 
-        store, job_id = self.store, job["job_id"]
+        store, registry, job_id = self.store, self.registry, job["job_id"]
         params = resolve_train_params(store, job["params"], self.nproc)
         if self.device and "device" not in job["params"]:
             params["device"] = self.device
-        parent = store.current_model
+        parent = registry.current
         init_version = parent if params["init"] == "current" else (None if params["init"] == "scratch" else params["init"])
-        init_path = store.model_path(init_version) if init_version else None
+        init_path = registry.model_path(init_version) if init_version else None
         init_ckpt = load_checkpoint(init_path) if init_path else None
         config = build_train_config(params, init_ckpt)
-        snapshot = store.training_snapshot()
+        snapshot = training_snapshot(store)
         n_lab = sum(1 for revs in snapshot["train"].values() if revs)
         if n_lab == 0:
             raise JobFailed("no labeled or corrected training case yet: submit a final label or a correction first")
@@ -347,7 +239,7 @@ class Worker:
             raise JobFailed("training produced no checkpoint")
 
         store.update_progress(job_id, {"phase": "validating", "step": config.iterations, "iterations": config.iterations})
-        _, val = store.load_training_set({"train": {}, "val": snapshot["val"]})
+        _, val = load_training_set(store, {"train": {}, "val": snapshot["val"]})
         from SSLSegmentLib.ml.inference import pick_device
 
         device = pick_device(config.device)
@@ -355,9 +247,9 @@ class Worker:
         new_dice = validation_dice(new_model, val, config.patch_size, device, config.val_overlap)
         parent_dice = None
         if parent is not None and val:
-            parent_model, parent_ckpt = model_from_checkpoint(store.model_path(parent), device=device)
-            parent_patch = parent_ckpt.get("train_config", {}).get("patch_size", config.patch_size)
-            parent_dice = validation_dice(parent_model, val, parent_patch, device, config.val_overlap)
+            parent_model, parent_ckpt = model_from_checkpoint(registry.model_path(parent), device=device)
+            parent_dice = validation_dice(parent_model, val, checkpoint_patch_size(parent_ckpt), device,
+                                          config.val_overlap)
         promote, reason = promotion_decision(new_dice, parent_dice, parent, float(params["tolerance"]))
         if cancel.is_set():
             raise _Cancelled("cancelled before publishing")
@@ -374,7 +266,7 @@ class Worker:
                    "final_loss": _finite(fit.get("final_loss")), "train_seconds": round(train_s, 2),
                    "iterations": config.iterations, "nproc": nproc}
         store.update_progress(job_id, {"phase": "publishing", "step": config.iterations, "iterations": config.iterations})
-        model = store.add_model_version(best, {
+        model = registry.add_version(best, {
             "parent": parent, "init": init_version, "method": config.method, "metrics": metrics,
             "trained_on": trained_on, "decision": reason, "params": params,
         }, job_id=job_id)
@@ -382,11 +274,11 @@ class Worker:
         promoted = False
         if promote:
             try:
-                store.promote(version, reason=f"job {job_id}: {reason}", expected_current=parent)
+                registry.promote(version, reason=f"job {job_id}: {reason}", expected_current=parent)
                 promoted = True
             except Conflict as exc:
                 reason = f"not promoted: {exc}"
-                store.set_decision(version, reason)
+                registry.set_decision(version, reason)
         self.log(f"job {job_id}: published {version} ({'promoted' if promoted else 'kept'}; {reason})")
         n_scored = 0
         passes = int(store.settings.get("score_passes", 0))
@@ -401,7 +293,7 @@ class Worker:
     def _fit_local(self, job_id, config, snapshot, init_path, scratch, cancel) -> dict:
         from SSLSegmentLib.ml.trainer import Trainer, TrainingCancelled
 
-        samples, val = self.store.load_training_set(snapshot)
+        samples, val = load_training_set(self.store, snapshot)
         progress = _ProgressWriter(self.store, job_id)
         trainer = Trainer(config, samples, val, out_dir=scratch, data_snapshot=snapshot, init_checkpoint=init_path,
                           on_progress=progress, should_stop=cancel.is_set)
@@ -420,7 +312,7 @@ class Worker:
         cmd = torchrun_command(nproc, ["-m", "training.worker", "--ddp-spec", str(spec_path)])
         env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, **process_group_kwargs())
             try:
                 while proc.poll() is None:
                     if cancel.is_set():
@@ -428,11 +320,11 @@ class Worker:
                         try:
                             proc.wait(timeout=20)
                         except subprocess.TimeoutExpired:
-                            os.killpg(proc.pid, signal.SIGKILL)
+                            kill_group(proc)
                         break
                     time.sleep(0.2)
             except BaseException:
-                _kill_group(proc)
+                kill_group(proc, timeout=None)
                 raise
         rc = proc.wait()
         if (scratch / "cancelled.json").is_file() or cancel.is_set():
@@ -451,20 +343,6 @@ class Worker:
 
 class _Cancelled(RuntimeError):
     pass
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    proc.wait()
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def torchrun_command(nproc: int, target: list[str]) -> list[str]:
@@ -498,7 +376,7 @@ def ddp_rank_main(spec_path: str) -> int:
 
     try:
         store = Datastore(spec["datastore"])
-        samples, val = store.load_training_set(spec["snapshot"])
+        samples, val = load_training_set(store, spec["snapshot"])
         cfg = dict(spec["config"])
         cfg["device"] = f"cuda:{local_rank}" if cuda else "cpu"
         config = TrainConfig(**cfg)

@@ -110,6 +110,7 @@ def cmd_worker(args) -> int:
 
 def cmd_import(args) -> int:
     from training.datastore import Datastore, import_folder
+    from training.registry import ModelRegistry
 
     store = Datastore(args.datastore, create=True, split_ratios=tuple(args.split), split_seed=args.split_seed)
     if args.train_defaults:
@@ -120,21 +121,23 @@ def cmd_import(args) -> int:
     s = store.summary()
     print(f"splits: train {s['splits']['train']}, val {s['splits']['val']}, test {s['splits']['test']}")
     if args.model:
-        model = store.add_model_version(Path(args.model), {"parent": None, "metrics": {}, "trained_on": {},
-                                                           "decision": "imported"})
-        store.promote(model["version"], reason=f"imported from {Path(args.model).name}")
+        registry = ModelRegistry(store)
+        model = registry.add_version(Path(args.model), {"parent": None, "metrics": {}, "trained_on": {},
+                                                        "decision": "imported"})
+        registry.promote(model["version"], reason=f"imported from {Path(args.model).name}")
         print(f"registered {args.model} as {model['version']} (current)")
     return 0
 
 
 def cmd_import_model(args) -> int:
     from training.datastore import Datastore
+    from training.registry import ModelRegistry
 
-    store = Datastore(args.datastore)
-    model = store.add_model_version(Path(args.checkpoint), {"parent": store.current_model, "metrics": {},
-                                                            "trained_on": {}, "decision": "imported"})
+    registry = ModelRegistry(Datastore(args.datastore))
+    model = registry.add_version(Path(args.checkpoint), {"parent": registry.current, "metrics": {},
+                                                         "trained_on": {}, "decision": "imported"})
     if args.promote:
-        store.promote(model["version"], reason=f"imported from {Path(args.checkpoint).name}")
+        registry.promote(model["version"], reason=f"imported from {Path(args.checkpoint).name}")
     print(f"registered {args.checkpoint} as {model['version']}{' (current)' if args.promote else ''}")
     return 0
 

@@ -11,7 +11,8 @@ from pathlib import Path
 def _net_args(p) -> None:
     p.add_argument("--arch", choices=["unet", "vnet"], default="unet")
     p.add_argument("--channels", type=int, nargs="+", default=[16, 32, 64, 128], help="UNet channels per level")
-    p.add_argument("--patch", type=int, nargs=3, default=[32, 48, 48], metavar=("Z", "Y", "X"))
+    p.add_argument("--patch", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
+                   help="training patch (default: TrainConfig's)")
 
 
 def register(sub) -> None:
@@ -84,7 +85,7 @@ def cmd_train(args) -> int:
     net = NetworkConfig(arch=args.arch, channels=tuple(args.channels), strides=(2,) * (len(args.channels) - 1))
     cfg = TrainConfig(
         method=args.method, method_options=parse_key_values(args.method_option), network=net.to_dict(),
-        patch_size=tuple(args.patch), batch_labeled=args.batch[0], batch_unlabeled=args.batch[1],
+        patch_size=tuple(args.patch or TrainConfig.patch_size), batch_labeled=args.batch[0], batch_unlabeled=args.batch[1],
         iterations=args.iterations, lr=args.lr, val_interval=args.val_interval, seed=args.seed, device=args.device,
     )
     result = run_experiment(args.data, cfg, args.labeled, args.out, progress_bar=True)
@@ -98,12 +99,11 @@ def cmd_train(args) -> int:
 
 def cmd_infer(args) -> int:
     from SSLSegmentLib.data.imageio import read_volume, write_volume
-    from SSLSegmentLib.ml.inference import predict_volume
-    from SSLSegmentLib.ml.trainer import model_from_checkpoint
+    from SSLSegmentLib.ml.inference import Predictor
 
-    model, ckpt = model_from_checkpoint(args.checkpoint)
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, passes=args.passes)
     image = read_volume(args.image)
-    pred = predict_volume(model, image, tuple(ckpt["train_config"]["patch_size"]), passes=args.passes, device=args.device)
+    pred = predictor(image)
     out = Path(args.out)
     for name, vol in pred.volumes(image).items():
         write_volume(vol, out / f"{name}.nrrd")
@@ -113,15 +113,15 @@ def cmd_infer(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from SSLSegmentLib.data.dataset import DataSet
-    from SSLSegmentLib.ml.evaluation import evaluate_model
-    from SSLSegmentLib.ml.trainer import model_from_checkpoint
+    from SSLSegmentLib.ml.evaluation import EVAL_OVERLAP, evaluate_model
+    from SSLSegmentLib.ml.inference import Predictor
 
-    model, ckpt = model_from_checkpoint(args.checkpoint)
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, overlap=EVAL_OVERLAP)
     ds = DataSet(args.data)
     ids = ds.splits[args.split]
     if not ids:
         raise ValueError(f"{args.data}: the {args.split} split is empty")
-    res = evaluate_model(model, ds, ids, tuple(ckpt["train_config"]["patch_size"]), device=args.device, progress=True)
+    res = evaluate_model(predictor, ds, ids, progress=True)
     for k in ("dice", "jaccard", "hd95_vox", "asd_vox", "hd95_mm", "asd_mm"):
         v = res["summary"][k]
         print(f"{k:10s} {v['mean']:.4f} ± {v['sd']:.4f}  (n={v['n']}, undefined={v['n_undefined']})")

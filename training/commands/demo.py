@@ -6,7 +6,7 @@
       of the same sizes, the oracle's largest errors, and no correction
     → report (markdown + PNGs) under OUT/report/, whose path is printed at the end.
 
-Sized to finish within 20 minutes on 2 CPU cores (see docs/refinement.md for the measurements behind the defaults).
+Sized for a small CPU-only machine; docs/refinement.md has the measurements behind the defaults.
 Running it again into the same folder reuses the phantoms and replaces the previous run's datastores and report.
 """
 
@@ -32,8 +32,9 @@ def register(sub) -> None:
     p.add_argument("--finetune-iterations", type=int, default=60)
     p.add_argument("--arms", nargs="+", default=["uncertainty", "random", "oracle", "none"],
                    help="strategies to compare (uncertainty random boundary oracle none uncertainty-full-label)")
-    # One thread by default: the loop runs one thing at a time, and on a 2-core machine that is also busy a second
-    # spinning torch thread per process cost 6x the CPU time (5350 s instead of ~900 s for the same demo).
+    # One thread by default: the loop runs one thing at a time, and on a small machine that is also busy a second
+    # torch thread per process spins against the other processes' threads and multiplies the CPU time
+    # (docs/refinement.md).
     p.add_argument("--threads", type=int, default=1, help="torch threads of the worker, server and evaluation")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
