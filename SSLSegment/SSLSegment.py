@@ -36,8 +36,8 @@ from slicer.util import VTKObservationMixin
 
 
 def _libraryDirectory():
-    """The folder holding SSLSegmentLib/ and training/: next to this file once installed (the extension ships
-    them there), one folder up in a source checkout."""
+    """The folder holding SSLSegmentLib/ (put on sys.path): next to this file once installed (the extension ships
+    it there), one folder up in a source checkout."""
     here = os.path.dirname(os.path.abspath(__file__))
     for candidate in (here, os.path.dirname(here)):
         if os.path.isfile(os.path.join(candidate, "SSLSegmentLib", "__init__.py")):
@@ -47,9 +47,21 @@ def _libraryDirectory():
     return here
 
 
-LIBRARY_DIR = _libraryDirectory()
+def _backendDirectory():
+    """The folder holding the backend package training/, for the local backend's PYTHONPATH only: the private
+    SSLSegmentBackend/ folder next to this file once installed (kept off Slicer's sys.path, where a top-level
+    `training` could collide with another extension's module), the repository root in a source checkout."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for candidate in (os.path.join(here, "SSLSegmentBackend"), os.path.dirname(here)):
+        if os.path.isfile(os.path.join(candidate, "training", "__init__.py")):
+            return candidate
+    return os.path.join(here, "SSLSegmentBackend")
 
-# numpy and SimpleITK ship with Slicer; this import pulls nothing else.
+
+LIBRARY_DIR = _libraryDirectory()
+BACKEND_DIR = _backendDirectory()
+
+# Needs only numpy (which ships with Slicer): no SimpleITK, scipy, torch or MONAI at start-up (test_review_imports.py).
 from SSLSegmentLib.review.scene import ReviewSceneLogic  # noqa: E402
 
 NEXT_REGION_SHORTCUT = "Ctrl+Shift+N"
@@ -144,8 +156,7 @@ class SSLSegmentParameterNode:
     trainIterations: Annotated[int, WithinRange(10, 100000)] = 500
     # The current case's nodes (set by the module, not shown as widgets).
     imageVolume: vtkMRMLScalarVolumeNode
-    entropyVolume: vtkMRMLScalarVolumeNode
-    mutualInformationVolume: vtkMRMLScalarVolumeNode
+    uncertaintyVolume: vtkMRMLScalarVolumeNode  # the map shown: the one the review regions are of
     segmentation: vtkMRMLSegmentationNode
 
 
@@ -165,6 +176,7 @@ class SSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.localBackend = None
         self._task = None
         self._taskDone = None
+        self._taskFailed = None
         self._trainingTask = None
         self._startingLocalBackend = False
         self._observedSegmentation = None
@@ -279,6 +291,7 @@ class SSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.connectButton.text = _("Start and connect") if local else _("Connect")
         self._applyDisplaySettings()
         self._updateButtonStates()
+        self._followUncertaintyKind()
 
     # ---- state shown in the panel ---------------------------------------------------------------------------
 
@@ -331,15 +344,16 @@ class SSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ---- background work ------------------------------------------------------------------------------------
 
-    def _runInBackground(self, description: str, function, onDone, *args, **kwargs) -> bool:
-        """Run `function` on a worker thread; call `onDone(result)` on the main thread when it finishes."""
+    def _runInBackground(self, description: str, function, onDone, *args, onFailed=None, **kwargs) -> bool:
+        """Run `function` on a worker thread; call `onDone(result)` on the main thread when it finishes, or
+        `onFailed()` (if given) when it failed or was cancelled."""
         from SSLSegmentLib.review.tasks import BackgroundTask
 
         if self._task is not None:
             self._setStatus(_("Busy: {what}. Wait, or press Cancel.").format(what=self._task.description))
             return False
         self._task = BackgroundTask(description, function, *args, **kwargs)
-        self._taskDone = onDone
+        self._taskDone, self._taskFailed = onDone, onFailed
         self.ui.runProgressBar.setRange(0, 0)  # indeterminate: the backend reports no progress for one request
         self._setStatus(f"{description}…")
         self._updateButtonStates()
@@ -355,7 +369,7 @@ class SSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.runStatusLabel.text = f"{task.description}… {int(task.elapsed_s())} s"
             return
         self._pollTimer.stop()
-        self._task, onDone = None, self._taskDone
+        self._task, onDone, onFailed = None, self._taskDone, self._taskFailed
         self._startingLocalBackend = False
         self.ui.runProgressBar.setRange(0, 1)
         self.ui.runProgressBar.value = 0 if task.cancelled else 1
@@ -368,11 +382,15 @@ class SSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             else:
                 self._setStatus(_("{what}: done.").format(what=task.description))
                 onDone(result)
+                onFailed = None
         except Exception as exc:  # a failure while showing the result must not leave the panel stuck
             logging.exception("SSLSegment")
             self._showError(task.description, exc)
         finally:
+            if onFailed is not None:
+                onFailed()
             self._updateButtonStates()
+            self._followUncertaintyKind()  # a kind chosen while the panel was busy
 
     def onCancel(self) -> None:
         if self._task is None:
@@ -408,7 +426,7 @@ class SSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._connectTo(p.serverUrl.strip(), self.ui.tokenLineEdit.text.strip() or None)
 
     def _onLocalBackendReady(self, backend) -> None:
-        self._connectTo(backend.base_url, backend.token())
+        self._connectTo(backend.base_url, backend.token)
 
     def _connectTo(self, url: str, token) -> None:
         from SSLSegmentLib.review.client import SSLSegmentClient
@@ -468,7 +486,7 @@ class SSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         wasModified = p.StartModify()
         p.imageVolume = imageNode
-        p.entropyVolume = p.mutualInformationVolume = p.segmentation = None
+        p.uncertaintyVolume = p.segmentation = None
         p.wholeCase = False
         p.EndModify(wasModified)
         self._observeSegmentation(None)
@@ -496,12 +514,10 @@ class SSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _onInferred(self, result) -> None:
         p = self._parameterNode
-        nodes = self.logic.showInference(result, p.imageVolume, kind=p.uncertaintyKind.value,
-                                         threshold=p.heatmapThreshold, opacity=p.heatmapOpacity,
-                                         visible=p.showHeatmap)
-        wasModified = p.StartModify()  # one GUI update for the three references, not three
-        p.entropyVolume = nodes["entropy"]
-        p.mutualInformationVolume = nodes["mutual_information"]
+        nodes = self.logic.showInference(result, p.imageVolume, threshold=p.heatmapThreshold,
+                                         opacity=p.heatmapOpacity, visible=p.showHeatmap)
+        wasModified = p.StartModify()  # one GUI update for the two references, not two
+        p.uncertaintyVolume = nodes["uncertainty"]
         p.segmentation = nodes["segmentation"]
         p.EndModify(wasModified)
         editor = self.ui.embeddedSegmentEditorWidget
@@ -510,6 +526,9 @@ class SSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._observeSegmentation(nodes["segmentation"])
         self._fillRegionsTable()
         self._showModelVersion()
+        self._showRegionCount(result)
+
+    def _showRegionCount(self, result) -> None:
         n = len(result.regions)
         self.ui.regionStatusLabel.text = (
             _("{n} regions above {t:.2f}. Press Next ({key}) to visit the most uncertain first.").format(
@@ -517,15 +536,43 @@ class SSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             _("No region is above {t:.2f}: the model is fairly sure everywhere. Check the whole structure anyway.").format(
                 t=result.threshold))
 
+    def _followUncertaintyKind(self) -> None:
+        """The review regions (and the reviewed mask built from them) are those of the map shown: a kind chosen in
+        the panel after Run asks the backend for that map's regions before the heat map changes."""
+        p = self._parameterNode
+        if p is None or self.session is None or self._state() != "inferred" or self._task is not None:
+            return
+        kind = p.uncertaintyKind.value
+        if kind == self.session.result.kind:
+            return
+        self._runInBackground(_("Ranking the regions of the {kind} map").format(kind=p.uncertaintyKind.label()),
+                              self.session.fetch_regions, self._onRegionsFetched, kind,
+                              onFailed=self._showSessionUncertaintyKind)
+
+    def _onRegionsFetched(self, ranked) -> None:
+        p = self._parameterNode
+        result = self.session.result
+        self.session.apply_regions(ranked)  # on the main thread: an abandoned fetch changes nothing
+        nodes = self.logic.showReviewRegions(result, p.imageVolume, threshold=p.heatmapThreshold,
+                                             opacity=p.heatmapOpacity, visible=p.showHeatmap)
+        p.uncertaintyVolume = nodes["uncertainty"]
+        self._fillRegionsTable()
+        self._showRegionCount(result)
+        self._editTimer.start()  # the visited regions were reset, so the reviewed-voxel count changes
+
+    def _showSessionUncertaintyKind(self) -> None:
+        """After a failed or cancelled change of kind: the panel shows the kind whose regions are under review."""
+        p = self._parameterNode
+        if p is not None and self.session is not None and self.session.result is not None:
+            p.uncertaintyKind = UncertaintyKind(self.session.result.kind)
+
     def _applyDisplaySettings(self) -> None:
         p = self._parameterNode
-        if p is None or p.entropyVolume is None or p.mutualInformationVolume is None:
+        if p is None or p.uncertaintyVolume is None:
             return
-        shown = p.entropyVolume if p.uncertaintyKind == UncertaintyKind.ENTROPY else p.mutualInformationVolume
-        for node in (p.entropyVolume, p.mutualInformationVolume):
-            self.logic.setUncertaintyThreshold(node, p.heatmapThreshold)
-        self.logic.setSliceLayers(foreground=shown, foregroundOpacity=p.heatmapOpacity)
-        self.logic.setUncertaintyVisible(shown, p.showHeatmap)
+        self.logic.setUncertaintyThreshold(p.uncertaintyVolume, p.heatmapThreshold)
+        self.logic.setSliceLayers(foreground=p.uncertaintyVolume, foregroundOpacity=p.heatmapOpacity)
+        self.logic.setUncertaintyVisible(p.uncertaintyVolume, p.showHeatmap)
 
     # ---- review regions -------------------------------------------------------------------------------------
 
@@ -802,8 +849,11 @@ class SSLSegmentLogic(ScriptedLoadableModuleLogic, ReviewSceneLogic):
         if not str(datastore).strip() or datastore == pathlib.Path():
             raise ValueError(_("Choose a datastore folder for the local backend."))
         python = shutil.which("PythonSlicer") or sys.executable
-        return LocalBackend(datastore, python=python, pythonpath=[LIBRARY_DIR], env=slicer.util.startupEnvironment(),
-                            log_dir=self.workDirectory() / "local-backend-logs")
+        logs = self.workDirectory() / "local-backend-logs"
+        # `python -m` puts its working folder first on sys.path: run in a folder of our own, not wherever Slicer was
+        # started (which could hold some other `training/`).
+        return LocalBackend(datastore, python=python, pythonpath=[LIBRARY_DIR, BACKEND_DIR],
+                            env=slicer.util.startupEnvironment(), log_dir=logs, cwd=logs)
 
 
 #
@@ -845,36 +895,30 @@ class SSLSegmentTest(ScriptedLoadableModuleTest):
 
         band = ndimage.binary_dilation(label.array, iterations=1) ^ ndimage.binary_erosion(label.array, iterations=1)
         uncertainty = np.where(band, 0.8, 0.05).astype(np.float32)
-        paths = {"label": write_volume(image.like(predicted), folder / "label.nrrd"),
-                 "entropy": write_volume(image.like(uncertainty), folder / "entropy.nrrd"),
-                 "mutual_information": write_volume(image.like(uncertainty * 0.5), folder / "mi.nrrd"),
-                 "image": write_volume(image, folder / "image.nrrd")}
+        imagePath = write_volume(image, folder / "image.nrrd")
         regions, rankMap = find_review_regions(uncertainty, 0.5, geometry=image.geometry)
-        return image, label, predicted, paths, regions, rankMap
+        return image, label, predicted, uncertainty, imagePath, regions, rankMap
 
     def test_ReviewLogic(self):
         import tempfile
 
         import numpy as np
 
-        from SSLSegmentLib.review.session import reviewed_mask
+        from SSLSegmentLib.review.session import InferenceResult, reviewed_mask
 
         self.delayDisplay("Review logic on a phantom")
         folder = pathlib.Path(tempfile.mkdtemp(prefix="SSLSegmentTest-"))
-        image, label, predicted, paths, regions, rankMap = self._phantomCase(folder)
+        image, label, predicted, uncertainty, imagePath, regions, rankMap = self._phantomCase(folder)
         self.assertGreater(len(regions), 0)
 
-        class Result:  # the parts of review.session.InferenceResult that showInference reads
-            pass
-
-        result = Result()
-        result.paths, result.regions = paths, regions
+        result = InferenceResult("v0001", "selftest", None, image.like(predicted),
+                                 {"entropy": image.like(uncertainty)}, "entropy", 0.5, regions, rankMap)
         logic = SSLSegmentLogic()
-        imageNode = logic.showCase(paths["image"], name="phantom")
-        nodes = logic.showInference(result, imageNode, kind="entropy", threshold=0.3, opacity=0.5)
-        self.assertEqual(nodes["entropy"].GetDisplayNode().GetColorNodeID(), "vtkMRMLPETProceduralColorNodePET-Heat")
+        imageNode = logic.showCase(imagePath, name="phantom")
+        nodes = logic.showInference(result, imageNode, threshold=0.3, opacity=0.5)
+        self.assertEqual(nodes["uncertainty"].GetDisplayNode().GetColorNodeID(), "vtkMRMLPETProceduralColorNodePET-Heat")
         redComposite = slicer.app.layoutManager().sliceWidget("Red").sliceLogic().GetSliceCompositeNode()
-        self.assertEqual(redComposite.GetForegroundVolumeID(), nodes["entropy"].GetID())
+        self.assertEqual(redComposite.GetForegroundVolumeID(), nodes["uncertainty"].GetID())
         np.testing.assert_array_equal(logic.labelArrayFromSegmentation(nodes["segmentation"], imageNode), predicted)
 
         ras = logic.jumpToRegion(regions[0], imageNode)
@@ -913,11 +957,10 @@ class SSLSegmentTest(ScriptedLoadableModuleTest):
         folder = pathlib.Path(tempfile.mkdtemp(prefix="SSLSegmentTest-"))
         logic = SSLSegmentLogic()
         model = pathlib.Path(os.path.dirname(__file__)) / "Resources" / "Models" / "phantom-tiny.pt"
-        python = logic.createLocalBackend(folder / "store").python
+        local = logic.createLocalBackend(folder / "store")
+        python, env = local.python, local.environment()
         import subprocess
 
-        env = dict(slicer.util.startupEnvironment())
-        env["PYTHONPATH"] = os.pathsep.join([LIBRARY_DIR, env.get("PYTHONPATH", "")])
         subprocess.check_call([python, "-m", "training.cli", "make-phantoms", str(folder / "phantoms"), "--train", "4",
                                "--val", "2", "--test", "0", "--shape", "24", "32", "32"], env=env)
         subprocess.check_call([python, "-m", "training.cli", "import-datastore", str(folder / "phantoms"),
@@ -931,6 +974,10 @@ class SSLSegmentTest(ScriptedLoadableModuleTest):
             imageNode = logic.showCase(case.image_path, name=case.case_id)
             result = session.infer(passes=4)
             nodes = logic.showInference(result, imageNode)
+            # The other map: the backend ranks its regions on the same inference, the scene shows them.
+            session.recompute_regions(kind="mutual_information")
+            shown = logic.showReviewRegions(result, imageNode)
+            self.assertEqual(shown["regions"].GetNumberOfControlPoints(), len(result.regions))
             for _i in range(min(2, len(result.regions))):
                 region = session.next_region()
                 logic.jumpToRegion(region, imageNode)
@@ -943,6 +990,7 @@ class SSLSegmentTest(ScriptedLoadableModuleTest):
             self.assertEqual(history[-1]["revision"], revision["revision"])
             self.assertEqual(history[-1]["kind"], "correction")
             self.assertEqual(history[-1]["model_version"], result.model_version)
+            self.assertEqual(history[-1]["uncertainty_kind"], "mutual_information")
         finally:
             backend.stop()
         self.delayDisplay("Local backend session passed")

@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from SSLSegmentLib.review.client import (
@@ -25,9 +26,9 @@ from SSLSegmentLib.review.client import (
 def served(tmp_path_factory, tiny_dataset):
     import uvicorn
 
+    from SSLSegmentLib.review.local_backend import free_port
     from training.datastore import Datastore, import_folder
     from training.server import create_app
-    from training.worker import free_port
 
     root = tmp_path_factory.mktemp("client") / "store"
     store = Datastore(root, create=True)
@@ -155,22 +156,97 @@ def test_jobs_queue_and_cancel_without_a_worker(client):
 def test_models_weights_and_promotion(served, client, tmp_path, tiny_net_config):
     from SSLSegmentLib.ml.networks import build_network
     from SSLSegmentLib.ml.trainer import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
+    from training.registry import ModelRegistry
 
     store, _ = served
     net = build_network(tiny_net_config)
     path = save_checkpoint({"format": CHECKPOINT_FORMAT, "model": net.state_dict(), "network": tiny_net_config.to_dict(),
                             "train_config": {"patch_size": [16, 32, 32]}}, tmp_path / "m.pt")
-    store.add_model_version(path, {"parent": None, "metrics": {}, "trained_on": {}})
+    ModelRegistry(store).add_version(path, {"parent": None, "metrics": {}, "trained_on": {}})
     assert client.current_model() is None and client.models()[0]["version"] == "v0001"
     assert client.promote("v0001") == {"current": "v0001", "previous": None}
     got = client.download_weights("v0001", tmp_path / "w.pt")
     assert set(load_checkpoint(got)["model"]) == set(net.state_dict())
     result = client.infer("phantom_000", tmp_path / "out", passes=2)
     assert result["model_version"] == "v0001" and result["passes"] == 2
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "entropy.nrrd", "label.nrrd", "mutual_information.nrrd", "probability.nrrd"]
+    # What the review shows: the label, the map of the answer's kind and the region map; nothing else.
+    kind = result["uncertainty_kind"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(["label.nrrd", f"{kind}.nrrd", "regions.nrrd"])
     with pytest.raises(ValidationError):
         client.infer("phantom_000", tmp_path / "out", passes=0)
+
+
+def _regions_match_the_map(answer: dict, kind: str) -> None:
+    """The answer's region map holds exactly its regions, and they are regions of the `kind` map."""
+    from SSLSegmentLib.data.imageio import read_volume
+    from SSLSegmentLib.data.regions import ReviewRegion, check_rank_map
+
+    regions = [ReviewRegion.from_dict(r) for r in answer["regions"]]
+    region_map = read_volume(answer["paths"]["regions"]).array
+    assert region_map.dtype == np.int32
+    check_rank_map(region_map, regions)
+    uncertainty = read_volume(answer["paths"][kind]).array
+    for region in regions:
+        inside = uncertainty[region_map == region.rank]
+        assert inside.min() > answer["threshold"]
+        assert inside.mean() == pytest.approx(region.uncertainty_mean, rel=1e-4, abs=1e-6)
+
+
+def test_infer_downloads_only_the_volumes_asked_for(served, client, tmp_path):
+    from SSLSegmentLib.data.imageio import read_volume
+
+    if client.current_model() is None:
+        pytest.skip("needs the model version test_models_weights_and_promotion publishes")
+    case = "phantom_002"
+    first = client.infer(case, tmp_path / "first", passes=2, uncertainty="entropy")
+    assert all(v.startswith("/api/v1/") for v in first["volumes"].values())
+    assert first["volumes"]["regions"].startswith(f"/api/v1/cases/{case}/inference/{first['inference_id']}/regions/")
+    only = client.infer(case, tmp_path / "only", passes=2, download=["probability"])
+    assert only["cached"] and only["inference_id"] == first["inference_id"]
+    assert set(only["paths"]) == {"probability"} and [p.name for p in (tmp_path / "only").iterdir()] == [
+        "probability.nrrd"]
+    assert read_volume(only["paths"]["probability"]).shape == read_volume(first["paths"]["label"]).shape
+    assert client.infer(case, tmp_path / "none", passes=2, download=[])["paths"] == {}
+    with pytest.raises(ValueError, match="serves no volume"):
+        client.infer(case, tmp_path / "bad", passes=2, download=["weights"])
+    with pytest.raises(TypeError, match="sequence of volume names"):
+        client.infer(case, tmp_path / "bad", passes=2, download="label")
+
+
+def test_a_cache_hit_of_the_other_kind_is_ranked_on_its_map_and_archived_with_the_revision(served, client, tmp_path):
+    """The cache entry is made by an entropy request; a later mutual-information request reuses it and gets the
+    regions of the mutual-information map; a correction made on it archives that map, not the entropy map."""
+    from SSLSegmentLib.data.imageio import read_volume, write_volume
+
+    if client.current_model() is None:
+        pytest.skip("needs the model version test_models_weights_and_promotion publishes")
+    case = "phantom_004"
+    entropy = client.infer(case, tmp_path / "entropy", passes=2, uncertainty="entropy", threshold=0.0)
+    mi_map = read_volume(client.infer(case, tmp_path / "probe", passes=2, uncertainty="mutual_information",
+                                      download=["mutual_information"])["paths"]["mutual_information"]).array
+    threshold = float(np.quantile(mi_map, 0.98))
+    mi = client.infer(case, tmp_path / "mi", passes=2, uncertainty="mutual_information", threshold=threshold)
+    assert mi["cached"] and mi["inference_id"] == entropy["inference_id"]
+    assert mi["uncertainty_kind"] == "mutual_information" and mi["threshold"] == pytest.approx(threshold)
+    assert set(mi["paths"]) == {"label", "mutual_information", "regions"} and mi["regions"]
+    assert mi["volumes"]["regions"] != entropy["volumes"]["regions"]
+    _regions_match_the_map(entropy, "entropy")
+    _regions_match_the_map(mi, "mutual_information")
+    assert mi["uncertainty_sum"] == pytest.approx(float(mi_map.sum()), rel=1e-4)
+
+    label = read_volume(mi["paths"]["label"])
+    corrected = write_volume(label, tmp_path / "corrected.nrrd")
+    reviewed = read_volume(mi["paths"]["regions"]).array > 0
+    mask = write_volume(label.like(reviewed.astype(np.uint8)), tmp_path / "reviewed.nrrd")
+    revision = client.submit_label(case, corrected, kind="correction", reviewed_mask_path=mask,
+                                   model_version=mi["model_version"], author="alice", inference_id=mi["inference_id"],
+                                   uncertainty_kind="mutual_information", threshold=threshold)
+    assert revision["uncertainty_kind"] == "mutual_information" and revision["threshold"] == pytest.approx(threshold)
+    stored = client.label_history(case)[-1]
+    assert stored["uncertainty_kind"] == "mutual_information" and stored["threshold"] == pytest.approx(threshold)
+    archived = read_volume(client.download_label(case, revision["revision"], tmp_path / "shown.nrrd", "uncertainty"))
+    np.testing.assert_array_equal(archived.array, mi_map)
+    assert not np.array_equal(archived.array, read_volume(entropy["paths"]["entropy"]).array)
 
 
 def test_disk_full_on_write_is_a_5xx_and_indexes_nothing(served, client, tmp_path, monkeypatch):

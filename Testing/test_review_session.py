@@ -19,6 +19,7 @@ from conftest import TINY_NET, TINY_PATCH
 from SSLSegmentLib.review.client import AuthError, BackendUnavailable, SSLSegmentClient
 from SSLSegmentLib.data.volume import ImageError
 from SSLSegmentLib.data.imageio import read_label, read_volume
+from SSLSegmentLib.data.regions import ReviewRegion
 from SSLSegmentLib.review.local_backend import LocalBackend
 from SSLSegmentLib.review.requirements import missing_requirements
 from SSLSegmentLib.review.session import (
@@ -99,6 +100,16 @@ def test_session_refuses_steps_out_of_order(tmp_path):
         session.submit(np.zeros((2, 2, 2), np.uint8))
     with pytest.raises(ValueError, match="annotator"):
         ReviewSession(SSLSegmentClient("http://127.0.0.1:9"), tmp_path, annotator="../etc")
+    with pytest.raises(ValueError, match="max 64"):  # the contract's one author rule
+        ReviewSession(SSLSegmentClient("http://127.0.0.1:9"), tmp_path, annotator="a" * 65)
+    with pytest.raises(ValueError, match="uncertainty must be one of"):
+        ReviewSession(SSLSegmentClient("http://127.0.0.1:9"), tmp_path, uncertainty="variance")
+    # Bad options are refused before anything is sent (nothing listens on port 9).
+    session.state = SessionState.CASE_LOADED
+    with pytest.raises(ValueError, match="uncertainty must be one of"):
+        session.infer(uncertainty="variance")
+    with pytest.raises(ValueError, match="threshold must be in"):
+        session.infer(threshold=1.0)
 
 
 # ---- against a real backend ---------------------------------------------------------------------------------
@@ -189,10 +200,12 @@ def test_a_whole_case_fetch_infer_visit_correct_submit(trained_session, tiny_dat
     assert result.inference_id == first.inference_id and result.threshold == pytest.approx(threshold)
     assert session.state == SessionState.INFERRED and result.model_version == session.client.current_model()
     assert result.label.shape == image.shape and set(np.unique(result.label.array)) <= {0, 1}
-    assert result.server_regions_match  # the regions recomputed here are the backend's
     assert len(result.regions) >= 2, "the model should be unsure in more than one place"
+    # The regions and their map are the backend's, of the map shown.
+    assert result.regions == [ReviewRegion.from_dict(r) for r in result.answer["regions"]] and result.kind == "entropy"
     assert [r.rank for r in result.regions] == list(range(1, len(result.regions) + 1))
-    assert all(result.uncertainty["entropy"].array[result.rank_map == r.rank].min() > threshold for r in result.regions)
+    _assert_regions_are_of(result.uncertainty["entropy"].array, result)
+    assert set(result.paths) == {"label", "entropy", "regions"}  # what the review shows, nothing else
 
     assert session.next_region().rank == 1
     assert session.next_region().rank == 2
@@ -215,6 +228,7 @@ def test_a_whole_case_fetch_infer_visit_correct_submit(trained_session, tiny_dat
 
     stored = session.client.label_history(case.case_id)[-1]
     assert stored["revision"] == revision["revision"] and stored["kind"] == "correction"
+    assert stored["uncertainty_kind"] == "entropy" and stored["threshold"] == pytest.approx(threshold)
     assert stored["author"] == "alice" and stored["model_version"] == result.model_version
     assert stored["reviewed_voxels"] == int(expected.sum())
     back = tmp = session.work_dir / "readback"
@@ -227,6 +241,89 @@ def test_a_whole_case_fetch_infer_visit_correct_submit(trained_session, tiny_dat
 
     following = session.fetch_next_case()
     assert following is not None and following.case_id != case.case_id  # the reviewed case left the queue
+
+
+def _assert_regions_are_of(uncertainty: np.ndarray, result) -> None:
+    """Every region's voxels in the region map lie above the threshold of `uncertainty`, with the region's mean."""
+    for region in result.regions:
+        inside = uncertainty[result.rank_map == region.rank]
+        assert inside.size == region.voxel_count and inside.min() > result.threshold
+        assert inside.mean() == pytest.approx(region.uncertainty_mean, rel=1e-4, abs=1e-6)
+
+
+def test_changing_the_kind_asks_the_backend_for_its_regions_and_the_submission_archives_that_map(
+        trained_session, tmp_path):
+    session = trained_session
+    if session.state != SessionState.CASE_LOADED:
+        assert session.fetch_next_case() is not None
+    case_id = session.case.case_id
+    first = session.infer(passes=2, uncertainty="entropy")  # creates the backend's cache entry
+    entropy = first.uncertainty["entropy"].array
+    if first.regions:
+        session.next_region()
+
+    # The other map: the same inference on the backend (a cache hit, no forward pass), its own regions.
+    regions = session.recompute_regions(kind="mutual_information")
+    result = session.result
+    assert result is first and result.answer["cached"] and result.inference_id == first.inference_id
+    assert result.kind == session.uncertainty_kind == "mutual_information" and session.visited == set()
+    mi = result.uncertainty["mutual_information"].array
+    assert not np.allclose(mi, entropy)  # two different maps, so archiving the wrong one would show
+    # A threshold at which the mutual information has regions to review.
+    threshold = float(np.quantile(mi, 0.99))
+    regions = session.recompute_regions(threshold=threshold)
+    assert result.kind == "mutual_information" and result.threshold == pytest.approx(threshold) and regions
+    _assert_regions_are_of(mi, result)
+
+    # They are exactly the backend's answer for that map and threshold.
+    answer = session.client.infer(case_id, tmp_path / "mi", passes=2, uncertainty="mutual_information",
+                                  threshold=threshold, min_voxels=session.region_min_voxels,
+                                  max_regions=session.max_regions)
+    assert answer["cached"] and answer["inference_id"] == result.inference_id
+    assert regions == [ReviewRegion.from_dict(r) for r in answer["regions"]]
+    np.testing.assert_array_equal(result.rank_map, read_volume(answer["paths"]["regions"]).array)
+    np.testing.assert_array_equal(mi, np.clip(read_volume(answer["paths"]["mutual_information"]).array, 0, 1))
+
+    session.next_region()
+    corrected = result.label.array.copy()
+    corrected[0, :2, :2] = 1 - corrected[0, :2, :2]
+    revision = session.submit(corrected)
+    stored = session.client.label_history(case_id)[-1]
+    assert stored["revision"] == revision["revision"] and stored["model_version"] == result.model_version
+    assert stored["uncertainty_kind"] == "mutual_information" and stored["threshold"] == pytest.approx(threshold)
+    assert session.last_submission["uncertainty_kind"] == "mutual_information"
+    # The archived map is the one the clinician saw, though the cache entry was made for entropy.
+    archived = session.client.download_label(case_id, revision["revision"], tmp_path / "shown.nrrd", "uncertainty")
+    np.testing.assert_array_equal(read_volume(archived).array, read_volume(answer["paths"]["mutual_information"]).array)
+    # The session keeps the kind for the next case.
+    assert session.uncertainty_kind == "mutual_information"
+    session.uncertainty_kind, session.threshold = "entropy", 0.5
+
+
+def test_regions_of_another_model_version_are_refused(trained_session):
+    """A promotion between Run and a change of kind: the backend would rank another prediction's regions, so the
+    session refuses them and keeps the review as it was."""
+    session = trained_session
+    if session.state != SessionState.CASE_LOADED:
+        assert session.fetch_next_case() is not None
+    result = session.infer(passes=2)
+    regions, rank_map = list(result.regions), result.rank_map.copy()
+    if regions:
+        session.next_region()
+    visited = set(session.visited)
+    current = session.client.current_model()
+    other = next(m["version"] for m in session.client.models() if m["version"] != current)
+    session.client.promote(other)
+    try:
+        with pytest.raises(SessionError, match="run the model again"):
+            session.recompute_regions(kind="mutual_information")
+    finally:
+        session.client.promote(current)
+    assert session.result is result and result.kind == "entropy" and result.regions == regions
+    np.testing.assert_array_equal(result.rank_map, rank_map)
+    assert session.visited == visited and session.state == SessionState.INFERRED
+    assert not list(session._inference_dir().glob(".incoming-*"))  # nothing half-downloaded left behind
+    session.skip_case()
 
 
 def test_an_empty_review_is_refused_and_nothing_is_lost(trained_session):
@@ -273,7 +370,7 @@ def test_training_can_be_stopped_from_the_session(trained_session):
 
 def test_stopping_the_local_backend_ends_its_processes(backend):
     """Last in this file: it stops the module's backend (the fixture's own stop is then a no-op)."""
-    assert backend.running() and backend.token()
+    assert backend.running() and backend.token
     procs = list(backend.processes.values())
     assert len(procs) == 2  # serve and worker
     backend.stop()

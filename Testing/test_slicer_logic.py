@@ -316,25 +316,30 @@ def test_new_case_removes_the_previous_cases_nodes_only(regions_case):
 
 
 def test_show_case_and_inference_build_the_review_scene_and_clean_up(headless, phantom, tmp_path):
-    from types import SimpleNamespace
+    from SSLSegmentLib.review.session import InferenceResult
 
     scene, logic = headless
     image, label = phantom
     u = _uncertainty(image)
-    paths = {"label": write_volume(label, tmp_path / "label.nrrd"),
-             "entropy": write_volume(u, tmp_path / "entropy.nrrd"),
-             "mutual_information": write_volume(image.like(u.array * 0.5), tmp_path / "mi.nrrd")}
-    regions, _ = find_review_regions(u.array, threshold=0.97, min_voxels=1, geometry=image.geometry)
-    result = SimpleNamespace(paths=paths, regions=regions)  # what review.session.InferenceResult provides
+    regions, rank_map = find_review_regions(u.array, threshold=0.97, min_voxels=1, geometry=image.geometry)
+    # What the session holds after infer(uncertainty="mutual_information"): the nodes are built from these
+    # in-memory volumes (no file is read again).
+    result = InferenceResult("v0001", "0123abcd", 2, label, {"mutual_information": u}, "mutual_information", 0.97,
+                             regions, rank_map)
     baseline = scene.GetNumberOfNodes()
 
     image_node = logic.showCase(write_volume(image, tmp_path / "image.nrrd"), name="case_1")
     assert all(c.GetBackgroundVolumeID() == image_node.GetID() for c in logic.sliceCompositeNodes())
-    nodes = logic.showInference(result, image_node, kind="mutual_information", threshold=0.4, opacity=0.3)
-    assert all(c.GetForegroundVolumeID() == nodes["mutual_information"].GetID() for c in logic.sliceCompositeNodes())
-    for kind in ("entropy", "mutual_information"):
-        display = nodes[kind].GetDisplayNode()
-        assert display.GetColorNodeID() == sa.HEAT_COLOR_NODE_ID and display.GetLowerThreshold() == pytest.approx(0.4)
+    nodes = logic.showInference(result, image_node, threshold=0.4, opacity=0.3)
+    assert set(nodes) == {"uncertainty", "segmentation", "regions"}
+    heat = nodes["uncertainty"]
+    assert "mutual information" in heat.GetName() and logic.nodesWithRole("uncertainty") == [heat]
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(heat), u.array)
+    np.testing.assert_allclose(sa.node_ijk_to_ras(heat), sa.node_ijk_to_ras(image_node), atol=1e-5)
+    assert all(c.GetForegroundVolumeID() == heat.GetID() for c in logic.sliceCompositeNodes())
+    assert all(c.GetForegroundOpacity() == pytest.approx(0.3) for c in logic.sliceCompositeNodes())
+    display = heat.GetDisplayNode()
+    assert display.GetColorNodeID() == sa.HEAT_COLOR_NODE_ID and display.GetLowerThreshold() == pytest.approx(0.4)
     np.testing.assert_array_equal(logic.labelArrayFromSegmentation(nodes["segmentation"], image_node), label.array)
     after_first_export = scene.GetNumberOfNodes()
     logic.labelArrayFromSegmentation(nodes["segmentation"], image_node)  # the widget exports after every edit
@@ -357,3 +362,53 @@ def test_show_case_and_inference_build_the_review_scene_and_clean_up(headless, p
 
     with pytest.raises(ValueError, match="either"):
         logic.showCase()
+
+
+def test_recomputed_regions_replace_the_heat_map_and_markups_but_keep_the_edits(headless, phantom, tmp_path):
+    """After ReviewSession.recompute_regions (another kind): the map and regions change, the segmentation with the
+    clinician's edits stays."""
+    from SSLSegmentLib.review.session import InferenceResult
+
+    scene, logic = headless
+    image, label = phantom
+    entropy = _uncertainty(image)
+    mi = image.like((entropy.array * 0.5).astype(np.float32))
+    regions, rank_map = find_review_regions(entropy.array, threshold=0.97, min_voxels=1, geometry=image.geometry)
+    result = InferenceResult("v0001", "0123abcd", 2, label, {"entropy": entropy}, "entropy", 0.97, regions, rank_map)
+    image_node = logic.showCase(write_volume(image, tmp_path / "image.nrrd"), name="case")
+    nodes = logic.showInference(result, image_node, threshold=0.3)
+    logic.jumpToRegion(regions[0], image_node)
+    edited = label.array.copy()
+    edited[2:5, 2:7, 2:7] = 1
+    edit_node = logic.addVolume(image.like(edited), "edit", labelmap=True, role="labelmap")
+    edit_node.GetDisplayNode().SetAndObserveColorNodeID(logic.classColorTable().GetID())
+    segment_ids = vtk.vtkStringArray()
+    segment_ids.InsertNextValue(nodes["segmentation"].GetSegmentation().GetNthSegmentID(0))
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
+        edit_node, nodes["segmentation"], segment_ids)  # what a Segment Editor stroke does to the segment
+    logic.removeNode(edit_node)
+    np.testing.assert_array_equal(logic.labelArrayFromSegmentation(nodes["segmentation"], image_node), edited)
+    box = logic.currentRegionRoiNode
+    box_nodes = 1 + box.GetNumberOfDisplayNodes() + box.GetNumberOfStorageNodes()
+    per_case = scene.GetNumberOfNodes()
+
+    # What apply_regions leaves in the result for the mutual-information map.
+    mi_regions, mi_rank_map = find_review_regions(mi.array, threshold=0.45, min_voxels=1, max_regions=5,
+                                                  geometry=image.geometry)
+    assert len(mi_regions) != len(regions)
+    result.uncertainty["mutual_information"] = mi
+    result.kind, result.threshold, result.regions, result.rank_map = "mutual_information", 0.45, mi_regions, mi_rank_map
+    shown = logic.showReviewRegions(result, image_node, threshold=0.3, opacity=0.6)
+
+    assert set(shown) == {"uncertainty", "regions"}
+    assert logic.nodesWithRole("uncertainty") == [shown["uncertainty"]]
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(shown["uncertainty"]), mi.array)
+    assert all(c.GetForegroundVolumeID() == shown["uncertainty"].GetID() for c in logic.sliceCompositeNodes())
+    assert shown["regions"].GetNumberOfControlPoints() == len(mi_regions)
+    assert logic.regionsNode is shown["regions"] and not logic.nodesWithRole("region-roi")  # the old box is gone
+    assert logic.nodesWithRole("segmentation") == [nodes["segmentation"]]
+    np.testing.assert_array_equal(logic.labelArrayFromSegmentation(nodes["segmentation"], image_node), edited)
+    assert scene.GetNumberOfNodes() == per_case - box_nodes  # the same nodes, less the region box
+    with pytest.raises(ValueError, match="uncertainty must be one of"):
+        result.kind = "variance"
+        logic.showReviewRegions(result, image_node)

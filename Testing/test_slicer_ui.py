@@ -210,3 +210,17 @@ def test_shortcuts_and_buttons_tell_the_same_keys(loaded, module_ast):
                  if isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant) and isinstance(n.targets[0], ast.Name)}
     for button, key in (("nextRegionButton", "NEXT_REGION_SHORTCUT"), ("previousRegionButton", "PREVIOUS_REGION_SHORTCUT")):
         assert constants[key] in widget.findChild(QtWidgets.QPushButton, button).toolTip()
+
+
+def test_the_panels_uncertainty_kinds_are_the_contracts(module_ast):
+    """The combo box offers the maps the backend serves, in the contract's order (the default first)."""
+    from SSLSegmentLib.data.contract import DEFAULT_UNCERTAINTY, UNCERTAINTY_KINDS
+
+    enum_class = next(n for n in ast.walk(module_ast) if isinstance(n, ast.ClassDef) and n.name == "UncertaintyKind")
+    members = {item.targets[0].id: item.value.value for item in enum_class.body
+               if isinstance(item, ast.Assign) and isinstance(item.value, ast.Constant)}
+    assert tuple(members.values()) == UNCERTAINTY_KINDS
+    default = next(n for n in ast.walk(module_ast) if isinstance(n, ast.AnnAssign)
+                   and isinstance(n.target, ast.Name) and n.target.id == "uncertaintyKind")
+    assert ast.unparse(default.annotation) == "UncertaintyKind"
+    assert members[ast.unparse(default.value).split(".")[-1]] == DEFAULT_UNCERTAINTY

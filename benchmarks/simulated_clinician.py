@@ -39,10 +39,11 @@ from typing import Callable
 import numpy as np
 from scipy import ndimage
 
-from SSLSegmentLib.review.client import SSLSegmentClient
-from SSLSegmentLib.data.volume import Volume
 from SSLSegmentLib.data.imageio import read_volume, write_volume
-from SSLSegmentLib.data.regions import ReviewRegion, find_review_regions
+from SSLSegmentLib.data.regions import ReviewRegion, check_rank_map
+from SSLSegmentLib.data.volume import ImageError, Volume
+from SSLSegmentLib.ml.metrics import dice
+from SSLSegmentLib.review.client import SSLSegmentClient
 
 STRATEGIES = ("uncertainty", "random", "boundary", "oracle", "none")
 SUBMIT_KINDS = ("correction", "final")
@@ -67,7 +68,8 @@ __all__ = [
 
 
 class ClinicianError(RuntimeError):
-    """The simulated review cannot go on (mismatched volumes, regions that differ from the server's, ...)."""
+    """The simulated review cannot go on (volumes that do not match the ground truth, a region map that does not
+    match the server's regions, ...)."""
 
 
 # -- planning ---------------------------------------------------------------------------------------------------
@@ -274,12 +276,6 @@ def correct_segmentation(prediction: np.ndarray, truth: np.ndarray, reviewed: np
     return out
 
 
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a > 0, b > 0
-    s = int(a.sum()) + int(b.sum())
-    return 1.0 if s == 0 else 2.0 * int(np.logical_and(a, b).sum()) / s
-
-
 # -- ground truth -----------------------------------------------------------------------------------------------
 class DataSetTruth:
     """truth(case_id) -> uint8 (z, y, x): the final labels of a data-set folder (SSLSegmentLib.data.dataset.DataSet)."""
@@ -345,7 +341,7 @@ class SimulatedClinician:
     case_strategy: how cases are picked (`GET /cases/next?strategy=`). submit_kind: "correction" (reviewed mask;
     the product) or "final" (the corrected segmentation as a full label, what MONAI Label does).
     infer: options of `POST /infer` (passes, threshold, min_voxels, max_regions, uncertainty); missing ones come
-    from the server's settings (GET /info), so the regions recomputed here are the server's.
+    from the server's settings (GET /info). The review regions and their region map are the server's.
     on_plan: optional callback(case_id, plan, arrays) for pictures (arrays: prediction, uncertainty, truth, image).
     """
 
@@ -382,23 +378,27 @@ class SimulatedClinician:
         return self.submit(self.prepare(case_id))
 
     def prepare(self, case_id: str) -> "PendingReview":
-        """Everything up to the submission: POST /infer, the regions, the plan and the corrected segmentation."""
+        """Everything up to the submission: POST /infer (label, uncertainty map, the server's regions and region map),
+        the plan and the corrected segmentation."""
         t0 = time.time()
         out = self.work_dir / case_id
         result = self.client.infer(case_id, out / "inference", **self.infer_options)
         prediction_vol = read_volume(result["paths"]["label"])
-        kind = result.get("uncertainty_kind", self.infer_options.get("uncertainty", "entropy"))
-        uncertainty = read_volume(result["paths"][kind]).array.astype(np.float32)
+        uncertainty = read_volume(result["paths"][result["uncertainty_kind"]]).array.astype(np.float32)
+        regions = [ReviewRegion.from_dict(r) for r in result["regions"]]
+        try:
+            rank_map = check_rank_map(read_volume(result["paths"]["regions"]).array, regions)
+        except ImageError as exc:
+            raise ClinicianError(f"{case_id}: the server's review regions: {exc}") from None
         prediction = np.asarray(prediction_vol.array).astype(np.uint8)
         truth = np.asarray(self.truth(case_id))
         if truth.shape != prediction.shape:
             raise ClinicianError(f"{case_id}: ground truth {truth.shape} and the server's segmentation "
                                  f"{prediction.shape} differ in shape")
+        if rank_map.shape != prediction.shape or uncertainty.shape != prediction.shape:
+            raise ClinicianError(f"{case_id}: the server's region map {rank_map.shape} or uncertainty map "
+                                 f"{uncertainty.shape} is not on the segmentation's grid {prediction.shape}")
         truth = truth.astype(np.uint8)
-        regions, rank_map = find_review_regions(
-            uncertainty, threshold=float(result["threshold"]), min_voxels=int(self.infer_options.get("min_voxels", 8)),
-            max_regions=int(self.infer_options.get("max_regions", 50)), geometry=prediction_vol.geometry)
-        self._check_regions(case_id, regions, result["regions"])
         spacing_zyx = tuple(float(s) for s in prediction_vol.geometry.spacing[::-1])
         budget = voxel_budget(prediction.shape, self.budget_fraction)
         plan = plan_review(self.strategy, prediction=prediction, uncertainty=uncertainty, rank_map=rank_map,
@@ -428,7 +428,8 @@ class SimulatedClinician:
                                          overwrite=True)
             rev = self.client.submit_label(case_id, label_path, kind=self.submit_kind, reviewed_mask_path=mask_path,
                                            model_version=result["model_version"], author=self.annotator,
-                                           inference_id=result["inference_id"])
+                                           inference_id=result["inference_id"],
+                                           uncertainty_kind=result["uncertainty_kind"], threshold=result["threshold"])
             revision = int(rev["revision"])
         else:
             self.client.release_case(case_id, annotator=self.annotator)
@@ -436,18 +437,9 @@ class SimulatedClinician:
             case_id=case_id, strategy=self.strategy, submit_kind=self.submit_kind, model_version=result["model_version"],
             inference_id=result["inference_id"], budget=plan.budget, spent=plan.spent,
             edited=int((corrected != prediction).sum()), errors_before=int((prediction != truth).sum()),
-            errors_after=int((corrected != truth).sum()), dice_before=_dice(prediction, truth),
-            dice_after=_dice(corrected, truth), n_regions=len(pending.regions), n_visited=len(plan.pieces),
+            errors_after=int((corrected != truth).sum()), dice_before=dice(prediction, truth),
+            dice_after=dice(corrected, truth), n_regions=len(pending.regions), n_visited=len(plan.pieces),
             partial=any(p["partial"] for p in plan.pieces), revision=revision,
             seconds=round(time.time() - pending.started, 3),
             pieces=[{k: v for k, v in p.items() if k != "centre_zyx"} for p in plan.pieces],
         )
-
-    @staticmethod
-    def _check_regions(case_id: str, local: list[ReviewRegion], served: list[dict]) -> None:
-        """The regions recomputed from the downloaded map must be the server's (same ranks and sizes)."""
-        a = [(r.rank, r.voxel_count) for r in local]
-        b = [(int(r["rank"]), int(r["voxel_count"])) for r in served]
-        if a != b:
-            raise ClinicianError(f"{case_id}: review regions recomputed from the downloaded uncertainty map differ from "
-                                 f"the server's ({len(a)} vs {len(b)} regions; first {a[:3]} vs {b[:3]})")

@@ -8,11 +8,12 @@ geometry is known (Slicer converts LPS to RAS by flipping the first two axes).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Sequence
 
 import numpy as np
-from scipy import ndimage
 
-from SSLSegmentLib.data.volume import Geometry
+from SSLSegmentLib.data.contract import validate_threshold
+from SSLSegmentLib.data.volume import Geometry, ImageError
 
 
 @dataclass
@@ -46,10 +47,12 @@ def find_review_regions(
     uncertainty: (z, y, x) in [0, 1]. Returns the regions and a (z, y, x) int32 map holding each kept region's rank
     (0 elsewhere), so visited regions can be turned into a reviewed mask.
     """
+    # Imported here: the review side (Slicer) imports ReviewRegion and visited_mask and must not need scipy.
+    from scipy import ndimage
+
     if uncertainty.ndim != 3:
         raise ValueError(f"uncertainty must be a 3D (z, y, x) array, got shape {uncertainty.shape}")
-    if not 0.0 <= threshold < 1.0:
-        raise ValueError(f"threshold must be in [0, 1), got {threshold}")
+    threshold = validate_threshold(threshold)
     u = np.nan_to_num(uncertainty.astype(np.float32), nan=0.0)
     components, n = ndimage.label(u > threshold, structure=np.ones((3, 3, 3), bool))
     rank_map = np.zeros(u.shape, np.int32)
@@ -87,3 +90,25 @@ def visited_mask(rank_map: np.ndarray, visited_ranks) -> np.ndarray:
     """uint8 (z, y, x) mask of the regions whose ranks are in `visited_ranks`."""
     ranks = np.asarray(sorted(set(int(r) for r in visited_ranks)), np.int32)
     return np.isin(rank_map, ranks[ranks > 0]).astype(np.uint8) if ranks.size else np.zeros(rank_map.shape, np.uint8)
+
+
+def check_rank_map(rank_map: np.ndarray, regions: Sequence[ReviewRegion]) -> np.ndarray:
+    """A region map received with its regions (what `find_review_regions` returns, computed elsewhere), as int32.
+
+    rank_map: integer (z, y, x), region r's voxels hold r, 0 elsewhere. regions: ranked 1..n. Raises `ImageError`
+    unless the map holds exactly the listed regions' voxel counts: a reviewed mask built from a map that does not
+    match the regions shown would mark voxels the reviewer never saw.
+    """
+    n = len(regions)
+    if [int(r.rank) for r in regions] != list(range(1, n + 1)):
+        raise ImageError(f"review regions must be ranked 1..{n} in order, got ranks {[r.rank for r in regions][:10]}")
+    array = np.asarray(rank_map)
+    if array.ndim != 3 or not np.issubdtype(array.dtype, np.integer):
+        raise ImageError(f"a region map must be a 3D integer array, got {array.dtype} of shape {array.shape}")
+    array = array.astype(np.int32, copy=False)
+    if array.size and (int(array.min()) < 0 or int(array.max()) > n):
+        raise ImageError(f"the region map holds ranks outside 0..{n}")
+    counts = np.bincount(array.reshape(-1), minlength=n + 1)[1:]
+    if [int(c) for c in counts] != [int(r.voxel_count) for r in regions]:
+        raise ImageError(f"the region map does not hold the voxels of the {n} regions listed with it")
+    return array

@@ -5,9 +5,11 @@ Slicer's bundled Python can import this module without installing anything: it u
 
     client = SSLSegmentClient("http://127.0.0.1:8765", token="...")
     case = client.next_case(annotator="alice")            # None when every case is reviewed or held by others
-    result = client.infer(case["case_id"], "/tmp/out")     # label / probability / entropy / mutual_information .nrrd
+    result = client.infer(case["case_id"], "/tmp/out")     # label, the uncertainty map and the region map (.nrrd)
     client.submit_label(case["case_id"], "/tmp/fixed.nrrd", kind="correction",
-                        reviewed_mask_path="/tmp/reviewed.nrrd", model_version=result["model_version"], author="alice")
+                        reviewed_mask_path="/tmp/reviewed.nrrd", model_version=result["model_version"], author="alice",
+                        inference_id=result["inference_id"], uncertainty_kind=result["uncertainty_kind"],
+                        threshold=result["threshold"])
 
 Errors carry the server's message: `AuthError` (401/403), `NotFoundError` (404), `ValidationError` (400/413/415/422),
 `ConflictError` (409), any other status as `BackendError`, and `BackendUnavailable` when the server cannot be
@@ -31,7 +33,6 @@ import uuid
 from pathlib import Path
 
 API_PREFIX = "/api/v1"
-VOLUME_NAMES = ("label", "probability", "entropy", "mutual_information")
 
 __all__ = [
     "SSLSegmentClient",
@@ -41,7 +42,6 @@ __all__ = [
     "ValidationError",
     "ConflictError",
     "BackendUnavailable",
-    "VOLUME_NAMES",
 ]
 
 
@@ -287,44 +287,64 @@ class SSLSegmentClient:
     # -- inference ------------------------------------------------------------------------------------------
     def infer(self, case_id: str, out_dir: str | os.PathLike, passes: int | None = None, *, threshold: float | None = None,
               min_voxels: int | None = None, max_regions: int | None = None, uncertainty: str | None = None,
-              timeout: float | None = None) -> dict:
-        """Run the current model on a case; write label/probability/entropy/mutual_information .nrrd into out_dir.
+              download=None, timeout: float | None = None) -> dict:
+        """Run the current model on a case (or reuse the backend's cached run) and download its volumes.
 
-        Returns the server's answer plus "paths" {name: Path}: model_version, inference_id, passes, regions
-        (ReviewRegion dicts, rank 1 first), uncertainty_mean, uncertainty_kind, threshold.
+        The backend computes the review regions of `uncertainty` ("entropy" or "mutual_information") above
+        `threshold`; options left None take the backend's settings. download: names of the answer's "volumes" to
+        write into out_dir as <name>.nrrd; None downloads what a review shows: "label", the map of the answer's
+        uncertainty kind and "regions" (int32, each listed region's rank, 0 elsewhere). Returns the server's answer
+        (model_version, inference_id, passes, uncertainty_kind, threshold, min_voxels, max_regions, regions as
+        ReviewRegion dicts rank 1 first, uncertainty_mean, uncertainty_sum, volumes, cached, created) plus
+        "paths" {name: Path} of the downloaded files.
         """
+        if isinstance(download, str):
+            raise TypeError(f"download must be a sequence of volume names, not the string {download!r}")
         payload = {"passes": passes, "threshold": threshold, "min_voxels": min_voxels, "max_regions": max_regions,
                    "uncertainty": uncertainty}
         payload = {k: v for k, v in payload.items() if v is not None}
         t = timeout or max(self.timeout, 300.0)
         result = self._json("POST", f"/cases/{self._quote(case_id)}/infer", payload=payload, timeout=t)
+        volumes = result.get("volumes") or {}
+        names = ("label", result.get("uncertainty_kind"), "regions") if download is None else download
+        names = list(dict.fromkeys(names))  # each once, in the order asked
+        unknown = [n for n in names if n not in volumes]
+        if unknown:
+            raise ValueError(f"the backend serves no volume {unknown} for this inference; it serves {sorted(volumes)}")
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        paths = {}
-        for name in VOLUME_NAMES:
-            paths[name] = self._download(
-                f"/cases/{self._quote(case_id)}/inference/{self._quote(result['inference_id'])}/{name}",
-                out / f"{name}.nrrd", timeout=t,
-            )
-        result["paths"] = paths
+        result["paths"] = {name: self._download(self._api_path(volumes[name]), out / f"{name}.nrrd", timeout=t)
+                           for name in names}
         return result
+
+    @staticmethod
+    def _api_path(path: str) -> str:
+        """A path the backend handed out ("/api/v1/..."), without the prefix that `_url` adds."""
+        if not isinstance(path, str) or not path.startswith(API_PREFIX + "/") or ".." in path.split("/"):
+            raise BackendError(None, f"the backend sent an unusable volume path {path!r} (expected {API_PREFIX}/...)")
+        return path[len(API_PREFIX):]
 
     # -- labels ---------------------------------------------------------------------------------------------
     def submit_label(self, case_id: str, label_path: str | os.PathLike, kind: str = "final",
                      reviewed_mask_path: str | os.PathLike | None = None, model_version: str | None = None,
-                     author: str = "anonymous", inference_id: str | None = None) -> dict:
+                     author: str = "anonymous", inference_id: str | None = None, uncertainty_kind: str | None = None,
+                     threshold: float | None = None) -> dict:
         """Store a new immutable label revision.
 
         kind "final": a full label of the case. kind "correction": the label plus the reviewed mask (1 = voxels the
-        annotator checked or edited; required) and the model version it was made against. A retried call is
-        recognised by its submission id and stored once. Returns the revision dict.
+        annotator checked or edited; required) and the model version it was made against. inference_id,
+        uncertainty_kind and threshold say what the annotator was shown: the backend archives that inference's map of
+        `uncertainty_kind` with the revision and records the kind and threshold. A retried call is recognised by its
+        submission id and stored once. Returns the revision dict.
         """
         if kind not in ("final", "correction"):
             raise ValueError(f"kind must be 'final' or 'correction', got {kind!r}")
         if kind == "correction" and reviewed_mask_path is None:
             raise ValueError("a correction needs reviewed_mask_path (the voxels the annotator reviewed)")
         form = _Multipart().field("kind", kind).field("author", author).field("model_version", model_version)
-        form.field("inference_id", inference_id).field("submission_id", uuid.uuid4().hex)
+        form.field("inference_id", inference_id).field("uncertainty_kind", uncertainty_kind)
+        form.field("threshold", None if threshold is None else float(threshold))
+        form.field("submission_id", uuid.uuid4().hex)
         form.file("label", label_path)
         if reviewed_mask_path is not None:
             form.file("reviewed_mask", reviewed_mask_path)

@@ -21,6 +21,7 @@ import numpy as np
 import slicer
 import vtk
 
+from SSLSegmentLib.data.contract import validate_uncertainty_kind
 from SSLSegmentLib.data.volume import Geometry, ImageError, Volume, lps_to_ras
 
 # A heat ramp built into Slicer (and slicer-core) once vtkMRMLColorLogic has added the default colour nodes.
@@ -427,33 +428,45 @@ class ReviewSceneLogic:
             composite.SetLabelVolumeID(None)
         return imageNode
 
-    def showInference(self, result, imageNode, kind: str = "entropy", threshold: float = 0.2, opacity: float = 0.5,
+    def showInference(self, result, imageNode, threshold: float = 0.2, opacity: float = 0.5,
                       visible: bool = True) -> dict:
-        """Show an inference (review.session.InferenceResult: `paths`, `regions`): both uncertainty maps as heat
-        volumes (`kind` in the foreground), the predicted label map as a segmentation, the regions as markups."""
-        if kind not in ("entropy", "mutual_information"):
-            raise ValueError(f"kind must be 'entropy' or 'mutual_information', got {kind!r}")
-        for role in ("uncertainty", "prediction", "segmentation", "regions", "region-roi"):
+        """Show an inference (review.session.InferenceResult: `label`, `uncertainty[kind]`, `kind`, `regions`): the
+        predicted label map as a segmentation, the shown uncertainty map as a heat volume in the foreground and the
+        regions as markups. Nodes are built from the session's volumes, so no file is read twice.
+
+        threshold / opacity / visible: the heat map's display (voxels below `threshold` stay transparent).
+        Returns {"uncertainty", "segmentation", "regions"}.
+        """
+        for role in ("prediction", "segmentation"):
             for node in self.nodesWithRole(role):
                 self.removeNode(node)
-        self.regionsNode, self.currentRegionRoiNode = None, None
         base = imageNode.GetName()
-        maps = {}
-        for name, title in (("entropy", "uncertainty (entropy)"), ("mutual_information", "uncertainty (MI)")):
-            node = self.loadVolumeFile(result.paths[name], f"{base} {title}", role="uncertainty")
-            self.showUncertainty(node, threshold, opacity, backgroundNode=imageNode)  # colours, window, threshold
-            maps[name] = node
-        prediction = self.loadVolumeFile(result.paths["label"], f"{base} prediction", labelmap=True, role="prediction")
+        prediction = self.addVolume(result.label, f"{base} prediction", labelmap=True, role="prediction")
         try:
             segmentation = self.importSegmentation(prediction, f"{base} segmentation", referenceVolumeNode=imageNode)
         finally:
             self.removeNode(prediction)  # the segmentation holds it now; the session keeps the array
+        nodes = self.showReviewRegions(result, imageNode, threshold=threshold, opacity=opacity, visible=visible)
+        nodes["segmentation"] = segmentation
+        return nodes
+
+    def showReviewRegions(self, result, imageNode, threshold: float = 0.2, opacity: float = 0.5,
+                          visible: bool = True) -> dict:
+        """Show the regions of `result` and the map they are of (after `ReviewSession.recompute_regions`): the
+        previous heat map, markups and region box are replaced; the segmentation, with the clinician's edits, stays.
+        Returns {"uncertainty", "regions"}."""
+        kind = validate_uncertainty_kind(result.kind)
+        for role in ("uncertainty", "regions", "region-roi"):
+            for node in self.nodesWithRole(role):
+                self.removeNode(node)
+        self.regionsNode, self.currentRegionRoiNode = None, None
+        heat = self.addVolume(result.uncertainty[kind], f"{imageNode.GetName()} uncertainty ({kind.replace('_', ' ')})",
+                              role="uncertainty")
+        self.showUncertainty(heat, threshold, opacity, backgroundNode=imageNode)  # colours, window, threshold
         regions = self.showRegions(result.regions, imageNode)
-        self.setSliceLayers(background=imageNode, foreground=maps[kind], foregroundOpacity=opacity)
         if not visible:
-            self.setUncertaintyVisible(maps[kind], False)
-        return {"entropy": maps["entropy"], "mutual_information": maps["mutual_information"],
-                "segmentation": segmentation, "regions": regions}
+            self.setUncertaintyVisible(heat, False)
+        return {"uncertainty": heat, "regions": regions}
 
     # ---- review regions ---------------------------------------------------------------------------------------
 

@@ -3,16 +3,22 @@
     session = ReviewSession(SSLSegmentClient(url, token), work_dir, annotator="alice")
     session.connect()                                   # health + info, model version
     case = session.fetch_next_case()                    # most uncertain unreviewed case (a lease is taken)
-    result = session.infer()                            # label + uncertainty volumes + ranked review regions
+    result = session.infer()                            # label + uncertainty map + the backend's ranked regions
     region = session.next_region()                      # the widget centres the views on region.centroid_lps
+    session.recompute_regions(kind="mutual_information")  # the other map: the backend re-ranks, no new forward pass
     ...                                                 # the clinician corrects the label map in Slicer
-    session.submit(corrected_label)                     # label + reviewed mask (visited ∪ edited) + model version
+    session.submit(corrected_label)                     # label + reviewed mask (visited ∪ edited) + model version,
+                                                        # + the uncertainty kind and threshold the clinician saw
     job = session.start_training(); session.training_status()
 
 States: disconnected → connected → case_loaded → inferred → submitted (→ case_loaded with the next case).
 A step called out of order raises `SessionError` with a message that says what to do first; a backend error
 propagates as the client's `BackendError` subclass, and the session keeps the state it had before the call, so the
 clinician can retry without losing the case, the visited regions or the corrections.
+
+The review regions are the backend's: it computes them once, where the uncertainty map is made, and serves their
+rank map beside the list; the session never recomputes them. The session owns which uncertainty map (kind) and which
+threshold the clinician is shown, and sends both with the submission so the backend archives exactly that map.
 
 Beside it in this package: `tasks.BackgroundTask` (a call on a worker thread), `local_backend.LocalBackend` (a server
 and worker on this machine) and `requirements` (the dependency check).
@@ -23,20 +29,27 @@ from __future__ import annotations
 import enum
 import logging
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from SSLSegmentLib.review.client import BackendUnavailable, SSLSegmentClient
-from SSLSegmentLib.data.contract import validate_case_id
-from SSLSegmentLib.data.volume import ImageError, Volume
+from SSLSegmentLib.data.contract import (
+    DEFAULT_UNCERTAINTY,
+    validate_author,
+    validate_case_id,
+    validate_threshold,
+    validate_uncertainty_kind,
+)
 from SSLSegmentLib.data.imageio import read_label, read_volume, write_volume
-from SSLSegmentLib.data.regions import ReviewRegion, find_review_regions, visited_mask
+from SSLSegmentLib.data.regions import ReviewRegion, check_rank_map, visited_mask
+from SSLSegmentLib.data.volume import ImageError, Volume
+from SSLSegmentLib.review.client import BackendError, BackendUnavailable, SSLSegmentClient
 
 log = logging.getLogger(__name__)
 
-UNCERTAINTY_KINDS = ("entropy", "mutual_information")
 JOB_FINISHED = ("succeeded", "failed", "cancelled")
 
 
@@ -55,7 +68,7 @@ class SessionError(RuntimeError):
 def reviewed_mask(rank_map: np.ndarray, visited_ranks, predicted: np.ndarray, corrected: np.ndarray) -> np.ndarray:
     """uint8 (z, y, x): 1 where the clinician reviewed the label = visited regions ∪ voxels whose label changed.
 
-    rank_map: int (z, y, x) region ranks (0 = no region), from `find_review_regions`.
+    rank_map: int (z, y, x) region ranks (0 = no region), the backend's region map.
     predicted / corrected: label maps (z, y, x) before and after the correction, on the same grid.
     """
     if not (rank_map.shape == predicted.shape == corrected.shape):
@@ -80,26 +93,44 @@ class CaseInfo:
 class InferenceResult:
     """One inference of the current model on the case, loaded and ready to show.
 
-    label: predicted label map; uncertainty: {"entropy", "mutual_information"} volumes in [0, 1] (z, y, x);
-    regions: ranked review regions of `uncertainty[kind] > threshold`; rank_map: their voxels (rank, 0 elsewhere).
+    label: predicted label map (z, y, x) on the image grid. uncertainty: the maps downloaded so far, by kind, values
+    in [0, 1] (z, y, x); `uncertainty[kind]` (`uncertainty_map`) is the one shown and the one the regions are of.
+    regions: the backend's ranked review regions of that map above `threshold`, rank 1 first; rank_map: the backend's
+    int32 region map (each region's rank, 0 elsewhere), what the reviewed mask is built from. paths: the downloaded
+    files by volume name; answer: the backend's latest answer for this inference.
     """
 
     model_version: str
-    inference_id: str | None
-    paths: dict[str, Path]
+    inference_id: str
+    passes: int | None
     label: Volume
     uncertainty: dict[str, Volume]
     kind: str
     threshold: float
     regions: list[ReviewRegion]
     rank_map: np.ndarray
-    server_regions: list[ReviewRegion]
+    paths: dict[str, Path] = field(default_factory=dict)
+    answer: dict = field(default_factory=dict)
 
     @property
-    def server_regions_match(self) -> bool:
-        """True when the regions recomputed here are the server's (same ranks, sizes and bounding boxes)."""
-        key = lambda r: (r.rank, r.voxel_count, tuple(r.bbox_min_ijk), tuple(r.bbox_max_ijk))  # noqa: E731
-        return [key(r) for r in self.regions] == [key(r) for r in self.server_regions]
+    def uncertainty_map(self) -> Volume:
+        return self.uncertainty[self.kind]
+
+
+@dataclass
+class RankedRegions:
+    """Regions of one inference fetched by `ReviewSession.fetch_regions`, not yet applied: the backend's regions of
+    the `kind` map above `threshold`, their region map, the map itself when it was not downloaded before, the answer,
+    and the staging folder holding the downloaded files until `apply_regions` keeps them."""
+
+    inference_id: str
+    kind: str
+    threshold: float
+    regions: list[ReviewRegion]
+    rank_map: np.ndarray
+    uncertainty: Volume | None
+    answer: dict
+    staging: Path
 
 
 class ReviewSession:
@@ -107,11 +138,13 @@ class ReviewSession:
 
     client: an `SSLSegmentClient`. work_dir: a folder for downloaded images, inference outputs and submitted files
     (kept, so a failed submit can be retried and a submitted correction can be audited). region_min_voxels /
-    max_regions: passed to the backend's inference and used to recompute the same regions locally.
+    max_regions: the backend's region options. uncertainty / threshold: the map shown and the threshold of its review
+    regions until `infer` or `recompute_regions` is given others (the session keeps the last ones asked for).
     """
 
     def __init__(self, client: SSLSegmentClient, work_dir: str | os.PathLike, annotator: str = "anonymous",
-                 region_min_voxels: int = 8, max_regions: int = 50):
+                 region_min_voxels: int = 8, max_regions: int = 50, uncertainty: str = DEFAULT_UNCERTAINTY,
+                 threshold: float = 0.5):
         if region_min_voxels < 1:
             raise ValueError(f"region_min_voxels must be >= 1, got {region_min_voxels}")
         if max_regions < 1:
@@ -121,6 +154,8 @@ class ReviewSession:
         self.annotator = validate_author(annotator)
         self.region_min_voxels = int(region_min_voxels)
         self.max_regions = int(max_regions)
+        self.uncertainty_kind = validate_uncertainty_kind(uncertainty)
+        self.threshold = validate_threshold(threshold)
         self.state = SessionState.DISCONNECTED
         self.server_info: dict = {}
         self.case: CaseInfo | None = None
@@ -218,58 +253,131 @@ class ReviewSession:
 
     # ---- inference and regions ----------------------------------------------------------------------------
 
-    def infer(self, passes: int | None = None, uncertainty: str = "entropy", threshold: float = 0.5) -> InferenceResult:
-        """Run the current model on the case; load the outputs and rank the review regions of `uncertainty`."""
+    def infer(self, passes: int | None = None, uncertainty: str | None = None,
+              threshold: float | None = None) -> InferenceResult:
+        """Run the current model on the case (the backend reuses a cached run) and load what the review shows: the
+        label, the `uncertainty` map and the backend's review regions above `threshold` with their region map.
+
+        uncertainty / threshold: None keeps the session's current ones; given ones become the session's.
+        """
         self._require(SessionState.CASE_LOADED, SessionState.INFERRED, action="run the model")
-        if uncertainty not in UNCERTAINTY_KINDS:
-            raise ValueError(f"uncertainty must be one of {UNCERTAINTY_KINDS}, got {uncertainty!r}")
-        if not 0.0 <= threshold < 1.0:
-            raise ValueError(f"threshold must be in [0, 1), got {threshold}")
+        kind = self.uncertainty_kind if uncertainty is None else validate_uncertainty_kind(uncertainty)
+        threshold = self.threshold if threshold is None else validate_threshold(threshold)
         if passes is not None and passes < 1:
             raise ValueError(f"passes must be >= 1, got {passes}")
-        case = self.case
-        out_dir = self._case_dir(case.case_id) / "inference"
-        answer = self.client.infer(case.case_id, out_dir, passes=passes, threshold=threshold,
-                                   min_voxels=self.region_min_voxels, max_regions=self.max_regions,
-                                   uncertainty=uncertainty)
-        paths = {k: Path(v) for k, v in answer["paths"].items()}
-        label = read_label(paths["label"], self.image)  # also checks the output is on the image's grid
-        maps = {}
-        for kind in UNCERTAINTY_KINDS:
-            vol = read_volume(paths[kind])
-            if vol.shape != self.image.shape or not vol.geometry.matches(self.image.geometry):
-                raise ImageError(f"{paths[kind]}: the {kind} map is not on the image's grid")
-            vol.array = np.clip(np.nan_to_num(vol.array.astype(np.float32)), 0.0, 1.0)
-            maps[kind] = vol
-        kind = answer.get("uncertainty_kind", uncertainty)
-        used_threshold = float(answer.get("threshold", threshold))
-        regions, rank_map = find_review_regions(maps[kind].array, used_threshold, self.region_min_voxels,
-                                                self.max_regions, self.image.geometry)
-        server_regions = [ReviewRegion.from_dict(r) for r in answer.get("regions", [])]
-        self.result = InferenceResult(answer["model_version"], answer.get("inference_id"), paths, label, maps, kind,
-                                      used_threshold, regions, rank_map, server_regions)
-        if not self.result.server_regions_match:
-            log.warning("review regions recomputed locally differ from the backend's; showing the local ones, "
-                        "which are the ones the reviewed mask is built from")
+        answer, staging = self._ask(kind, threshold, passes, download=None)
+        try:
+            incoming = answer["paths"]
+            label = read_label(incoming["label"], self.image)  # also checks the output is on the image's grid
+            maps = {kind: self._read_map(incoming[kind], kind)}
+            regions, rank_map = self._read_regions(answer, incoming["regions"])
+            # Kept only once everything is read: a failure leaves the previous result and its files as they were.
+            paths = self._keep(incoming)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        answer = {k: v for k, v in answer.items() if k != "paths"}  # the kept files are `paths`
+        self.result = InferenceResult(answer["model_version"], answer["inference_id"], answer.get("passes", passes),
+                                      label, maps, kind, float(answer["threshold"]), regions, rank_map, paths, answer)
+        self.uncertainty_kind, self.threshold = kind, self.result.threshold
         self.current_index, self.visited = None, set()
         self.state = SessionState.INFERRED
         return self.result
 
     def recompute_regions(self, kind: str | None = None, threshold: float | None = None) -> list[ReviewRegion]:
-        """Re-rank regions on the other uncertainty map or another threshold (visited marks are reset)."""
+        """Show another uncertainty map or threshold: the backend ranks the regions of the same inference again (a
+        cache hit, no new forward pass); the region map (and the map, the first time a kind is shown) is downloaded.
+        The visited marks are reset: the regions they referred to are gone. `fetch_regions` + `apply_regions`."""
+        return self.apply_regions(self.fetch_regions(kind, threshold))
+
+    def fetch_regions(self, kind: str | None = None, threshold: float | None = None) -> RankedRegions:
+        """The network half of `recompute_regions`, changing nothing in the session (safe on a worker thread whose
+        result may be abandoned). kind / threshold: None keeps the current inference's."""
         self._require(SessionState.INFERRED, action="recompute regions")
-        kind = kind or self.result.kind
-        if kind not in UNCERTAINTY_KINDS:
-            raise ValueError(f"uncertainty must be one of {UNCERTAINTY_KINDS}, got {kind!r}")
-        threshold = self.result.threshold if threshold is None else float(threshold)
-        if not 0.0 <= threshold < 1.0:
-            raise ValueError(f"threshold must be in [0, 1), got {threshold}")
-        regions, rank_map = find_review_regions(self.result.uncertainty[kind].array, threshold,
-                                                self.region_min_voxels, self.max_regions, self.image.geometry)
-        self.result.regions, self.result.rank_map = regions, rank_map
-        self.result.kind, self.result.threshold = kind, threshold
+        result = self.result
+        kind = result.kind if kind is None else validate_uncertainty_kind(kind)
+        threshold = result.threshold if threshold is None else validate_threshold(threshold)
+        download = ["regions"] if kind in result.uncertainty else [kind, "regions"]
+        answer, staging = self._ask(kind, threshold, result.passes, download=download)
+        try:
+            if answer["inference_id"] != result.inference_id:
+                # These regions would be of another prediction than the one the clinician is correcting.
+                raise SessionError(f"the backend now serves model {answer['model_version']} (this case was run with "
+                                   f"{result.model_version}); run the model again to review its output")
+            incoming = answer["paths"]
+            heat = None if kind in result.uncertainty else self._read_map(incoming[kind], kind)
+            regions, rank_map = self._read_regions(answer, incoming["regions"])
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return RankedRegions(answer["inference_id"], kind, float(answer["threshold"]), regions, rank_map, heat,
+                             answer, staging)
+
+    def apply_regions(self, ranked: RankedRegions) -> list[ReviewRegion]:
+        """Make fetched regions the ones under review (main thread): the map they are of is shown from now on and
+        the visited marks are reset."""
+        self._require(SessionState.INFERRED, action="show recomputed regions")
+        result = self.result
+        if ranked.inference_id != result.inference_id:
+            raise SessionError("these regions belong to an earlier inference of the case; recompute them")
+        try:
+            result.paths.update(self._keep(ranked.answer["paths"]))
+        finally:
+            shutil.rmtree(ranked.staging, ignore_errors=True)
+        if ranked.uncertainty is not None:
+            result.uncertainty = {**result.uncertainty, ranked.kind: ranked.uncertainty}
+        result.kind, result.threshold = ranked.kind, ranked.threshold
+        result.regions, result.rank_map = ranked.regions, ranked.rank_map
+        result.answer = {k: v for k, v in ranked.answer.items() if k != "paths"}
+        self.uncertainty_kind, self.threshold = ranked.kind, ranked.threshold
         self.current_index, self.visited = None, set()
-        return regions
+        return ranked.regions
+
+    def _inference_dir(self) -> Path:
+        return self._case_dir(self.case.case_id) / "inference"
+
+    def _ask(self, kind: str, threshold: float, passes: int | None, download) -> tuple[dict, Path]:
+        """POST /infer, downloading into a fresh staging folder (`_keep` moves the files into place once read)."""
+        folder = self._inference_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=folder))
+        try:
+            answer = self.client.infer(self.case.case_id, staging, passes=passes, threshold=threshold,
+                                       min_voxels=self.region_min_voxels, max_regions=self.max_regions,
+                                       uncertainty=kind, download=download)
+            if answer.get("uncertainty_kind") != kind:
+                raise BackendError(None, f"the backend answered with the {answer.get('uncertainty_kind')!r} map, "
+                                         f"not the {kind!r} map asked for")
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        answer["paths"] = {k: Path(v) for k, v in answer["paths"].items()}
+        return answer, staging
+
+    def _keep(self, incoming: dict[str, Path]) -> dict[str, Path]:
+        folder = self._inference_dir()
+        kept = {}
+        for name, path in incoming.items():
+            kept[name] = folder / path.name
+            os.replace(path, kept[name])
+        return kept
+
+    def _read_map(self, path: Path, kind: str) -> Volume:
+        vol = read_volume(path)
+        if vol.shape != self.image.shape or not vol.geometry.matches(self.image.geometry):
+            raise ImageError(f"{path}: the {kind} map is not on the image's grid")
+        vol.array = np.clip(np.nan_to_num(vol.array.astype(np.float32)), 0.0, 1.0)
+        return vol
+
+    def _read_regions(self, answer: dict, path: Path) -> tuple[list[ReviewRegion], np.ndarray]:
+        """The answer's regions and the downloaded region map, checked against each other and the image grid."""
+        regions = [ReviewRegion.from_dict(r) for r in answer.get("regions", [])]
+        vol = read_volume(path)
+        if vol.shape != self.image.shape or not vol.geometry.matches(self.image.geometry):
+            raise ImageError(f"{path}: the region map is not on the image's grid")
+        try:
+            return regions, check_rank_map(vol.array, regions)
+        except ImageError as exc:
+            raise ImageError(f"{path}: {exc}") from None
 
     @property
     def regions(self) -> list[ReviewRegion]:
@@ -327,7 +435,8 @@ class ReviewSession:
                              self._corrected_array(corrected))
 
     def submit(self, corrected, whole_case: bool = False) -> dict:
-        """Send the corrected label to the backend with the reviewed mask and the model version.
+        """Send the corrected label to the backend with the reviewed mask, the model version, the inference and the
+        uncertainty kind and threshold the clinician was shown.
 
         whole_case: the clinician checked every voxel, so this is a final label (no mask). Otherwise a correction
         whose reviewed mask is the visited regions plus the edited voxels; an empty mask (nothing visited, nothing
@@ -351,11 +460,15 @@ class ReviewSession:
                                    "(or submit the whole case as a final label)")
             mask_path = write_volume(self.image.like(mask), folder / "reviewed_mask.nrrd", overwrite=False)
             kind = "correction"
+        # The kind and threshold shown: the backend archives exactly that map of this inference with the revision.
+        result = self.result
         revision = self.client.submit_label(self.case.case_id, label_path, kind=kind, reviewed_mask_path=mask_path,
-                                            model_version=self.result.model_version, author=self.annotator,
-                                            inference_id=self.result.inference_id)
+                                            model_version=result.model_version, author=self.annotator,
+                                            inference_id=result.inference_id, uncertainty_kind=result.kind,
+                                            threshold=result.threshold)
         self.last_submission = {"revision": revision, "kind": kind, "reviewed_voxels": reviewed,
-                                "label_path": label_path, "reviewed_mask_path": mask_path}
+                                "label_path": label_path, "reviewed_mask_path": mask_path,
+                                "uncertainty_kind": result.kind, "threshold": result.threshold}
         self.state = SessionState.SUBMITTED
         return revision
 
@@ -390,14 +503,6 @@ class ReviewSession:
         answer = self.client.promote(version)
         self.server_info["current_model"] = answer.get("current", version)
         return answer
-
-
-def validate_author(name: str) -> str:
-    """Annotator names become folder names on the backend: the case-id alphabet."""
-    try:
-        return validate_case_id(name)
-    except ValueError:
-        raise ValueError(f"invalid annotator name {name!r}: use letters, digits, '_', '-', '.'") from None
 
 
 def describe_job(job: dict | None) -> str:
