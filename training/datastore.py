@@ -44,7 +44,7 @@ import numpy as np
 
 from SSLSegmentLib.data import contract
 from SSLSegmentLib.data.volume import Geometry, ImageError, Volume
-from SSLSegmentLib.data.imageio import IMAGE_SUFFIXES, _fsync_dir, read_label, read_volume, strip_suffix, write_volume
+from SSLSegmentLib.data.imageio import IMAGE_SUFFIXES, fsync_dir, read_label, read_volume, strip_suffix, write_volume
 
 SCHEMA_VERSION = 2
 INDEX_DIR = ".sslsegment"
@@ -235,6 +235,63 @@ def hash_split(case_id: str, seed: str, ratios: tuple[float, float, float]) -> s
 def fsync_file(path: Path) -> None:
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
+
+
+class StagedFolder:
+    """A folder filled under a temporary name inside `parent` and published by one rename, so neither a reader nor a
+    crash ever sees it half written; an existing folder is never replaced.
+
+        with StagedFolder(parent) as staging:
+            write_volume(label, staging.path / "label.nrrd")
+            dest = staging.publish(prefix="r")        # parent/r0001, r0002, ... (or publish(name="..."))
+
+    Every file in the folder is fsynced before the rename; if the block fails or never publishes, the folder goes.
+    """
+
+    def __init__(self, parent: Path):
+        self.parent = Path(parent)
+        self.path: Path | None = None
+        self.published: Path | None = None
+
+    def __enter__(self) -> "StagedFolder":
+        self.parent.mkdir(parents=True, exist_ok=True)
+        self.path = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.parent))
+        return self
+
+    def publish(self, name: str | None = None, *, prefix: str | None = None, width: int = 4) -> Path:
+        """Rename to `parent/name`, or to the next free `parent/<prefix><n>`; two writers never share a number."""
+        if (name is None) == (prefix is None):
+            raise ValueError("publish takes a name or a prefix")
+        for f in self.path.iterdir():
+            if f.is_file():
+                fsync_file(f)
+        fsync_dir(self.path)
+        if name is not None:
+            os.rename(self.path, self.parent / name)
+            self.published = self.parent / name
+        else:
+            self.published = self._rename_numbered(prefix, width)
+        fsync_dir(self.parent)
+        return self.published
+
+    def _rename_numbered(self, prefix: str, width: int) -> Path:
+        taken = [int(p.name[len(prefix):]) for p in self.parent.iterdir()
+                 if p.name.startswith(prefix) and p.name[len(prefix):].isdigit()]
+        n = max(taken, default=0) + 1
+        while True:
+            dest = self.parent / f"{prefix}{n:0{width}d}"
+            if not dest.exists():
+                try:
+                    os.rename(self.path, dest)  # fails on an existing non-empty folder: nothing is replaced
+                    return dest
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                        raise
+            n += 1
+
+    def __exit__(self, *exc) -> None:
+        if self.published is None:
+            shutil.rmtree(self.path, ignore_errors=True)
 
 
 def region_view(kind: str, threshold: float, min_voxels: int, max_regions: int) -> str:
@@ -473,7 +530,7 @@ class Datastore:
                 shutil.copyfile(source, tmp)
             fsync_file(Path(tmp))
             os.link(tmp, dest)
-            _fsync_dir(dest.parent)
+            fsync_dir(dest.parent)
         finally:
             Path(tmp).unlink(missing_ok=True)
 
@@ -717,46 +774,19 @@ class Datastore:
     def _write_correction(self, case_id: str, author: str, label: Volume, mask: Volume, uncertainty_src: Path | None,
                           model_version: str | None, shown: dict) -> tuple[str, str, str | None]:
         parent = self.root / "labels" / "corrections" / author / case_id
-        parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=parent))
-        try:
-            write_volume(label, staging / "label.nrrd")
-            write_volume(mask, staging / "reviewed_mask.nrrd")
-            has_unc = uncertainty_src is not None
+        has_unc = uncertainty_src is not None
+        with StagedFolder(parent) as staging:
+            write_volume(label, staging.path / "label.nrrd")
+            write_volume(mask, staging.path / "reviewed_mask.nrrd")
             if has_unc:
-                shutil.copyfile(uncertainty_src, staging / "uncertainty.nrrd")
-                fsync_file(staging / "uncertainty.nrrd")
+                shutil.copyfile(uncertainty_src, staging.path / "uncertainty.nrrd")
             meta = {"case_id": case_id, "author": author, "model_version": model_version, "created": iso(time.time()),
                     "reviewed_voxels": int(mask.array.sum()), "foreground_voxels": int((label.array > 0).sum()),
                     "uncertainty_shown": has_unc, **shown}
-            (staging / "revision.json").write_text(json.dumps(meta, indent=2))
-            fsync_file(staging / "revision.json")
-            _fsync_dir(staging)
-            dest = self.rename_numbered(staging, parent, "r")
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+            (staging.path / "revision.json").write_text(json.dumps(meta, indent=2))
+            dest = staging.publish(prefix="r")
         return (self.rel(dest / "label.nrrd"), self.rel(dest / "reviewed_mask.nrrd"),
                 self.rel(dest / "uncertainty.nrrd") if has_unc else None)
-
-    @staticmethod
-    def rename_numbered(staging: Path, parent: Path, prefix: str, width: int = 4) -> Path:
-        """Rename a complete staging folder to the next free `<prefix><n>`; an existing (non-empty) target makes the
-        rename fail, so two writers never share a number and nothing is ever replaced."""
-        taken = [int(p.name[len(prefix):]) for p in parent.iterdir()
-                 if p.name.startswith(prefix) and p.name[len(prefix):].isdigit()]
-        n = max(taken, default=0) + 1
-        while True:
-            dest = parent / f"{prefix}{n:0{width}d}"
-            if not dest.exists():
-                try:
-                    os.rename(staging, dest)
-                    _fsync_dir(parent)
-                    return dest
-                except OSError as exc:
-                    if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                        raise
-            n += 1
 
     def _revision_dict(self, row: sqlite3.Row) -> dict:
         files = {"label": row["path"]}
@@ -817,22 +847,13 @@ class Datastore:
         meta: what describes every map (it must not depend on the kind a request asked for); its "score"
         {"mean", "sum"} is indexed with the entry."""
         inference_id = uuid.uuid4().hex[:16]
-        parent = self.root / "inference" / case_id
-        parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=parent))
-        try:
+        with StagedFolder(self.root / "inference" / case_id) as staging:
             for name, vol in volumes.items():
-                write_volume(vol, staging / f"{name}.nrrd")
+                write_volume(vol, staging.path / f"{name}.nrrd")
             meta = {**meta, "inference_id": inference_id, "case_id": case_id, "model_version": model_version,
                     "passes": int(passes), "created": iso(time.time())}
-            (staging / "inference.json").write_text(json.dumps(meta))
-            fsync_file(staging / "inference.json")
-            dest = parent / inference_id
-            os.rename(staging, dest)
-            _fsync_dir(parent)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+            (staging.path / "inference.json").write_text(json.dumps(meta))
+            dest = staging.publish(inference_id)
         with self.transaction() as db:
             db.execute("INSERT INTO inferences(inference_id, case_id, model_version, passes, created, path, "
                        "uncertainty_mean, uncertainty_sum) VALUES (?,?,?,?,?,?,?,?)",

@@ -14,13 +14,11 @@ import json
 import math
 import shutil
 import sqlite3
-import tempfile
 import time
 from pathlib import Path
 
-from SSLSegmentLib.data.imageio import _fsync_dir
 
-from training.datastore import Conflict, Datastore, InvalidInput, NotFound, fsync_file, iso, sha256_file, validate_version
+from training.datastore import Conflict, Datastore, InvalidInput, NotFound, StagedFolder, iso, sha256_file, validate_version
 
 CURRENT_KEY = "current_model"
 
@@ -96,21 +94,13 @@ class ModelRegistry:
         checkpoint_file = Path(checkpoint_file)
         ckpt = load_checkpoint(checkpoint_file)  # refuses anything that is not a readable SSLSegment checkpoint
         store = self.store
-        models_dir = store.root / "models"
-        staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=models_dir))
-        try:
-            shutil.copyfile(checkpoint_file, staging / "model.pt")
-            fsync_file(staging / "model.pt")
-            digest = sha256_file(staging / "model.pt")
+        with StagedFolder(store.root / "models") as staging:
+            shutil.copyfile(checkpoint_file, staging.path / "model.pt")
+            digest = sha256_file(staging.path / "model.pt")
             info = {"job_id": job_id, "sha256": digest, "created": iso(time.time()),
                     "network": ckpt.get("network"), "train_config": ckpt.get("train_config"), **meta}
-            (staging / "version.json").write_text(json.dumps(info, indent=2, default=str))
-            fsync_file(staging / "version.json")
-            _fsync_dir(staging)
-            dest = store.rename_numbered(staging, models_dir, "v")
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+            (staging.path / "version.json").write_text(json.dumps(info, indent=2, default=str))
+            dest = staging.publish(prefix="v")
         version = dest.name
         with store.transaction() as db:
             db.execute("INSERT INTO models(version, created, job_id, parent, method, path, sha256, metrics, trained_on, "

@@ -65,7 +65,7 @@ def check_same_grid(image: Volume, label: Volume, what: str = "label") -> None:
         )
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -97,7 +97,7 @@ def _atomic_target(path: Path, overwrite: bool, suffix: str):
             # link() fails if the target exists, so two writers can never both "create" the same revision.
             os.link(tmp, path)
             tmp.unlink()
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -213,10 +213,13 @@ class ReviewSceneLogic:
         if node.GetParentTransformNode() is not None:
             # The file would hold the untransformed grid while the user sees the transformed one.
             raise ImageError(f"volume {node.GetName()!r} is under a transform; harden or remove the transform first")
+        return self._writeWithStorageNode(slicer.vtkMRMLVolumeArchetypeStorageNode(), node, path)
+
+    def _writeWithStorageNode(self, storage, node, path: str | os.PathLike) -> Path:
+        """Write `node` with a configured storage node to a temporary name, then rename: never a half-written file."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-        storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
         storage.SetScene(self.scene)
         storage.SetFileName(str(tmp))
         storage.SetUseCompression(True)
@@ -397,20 +400,9 @@ class ReviewSceneLogic:
         path = Path(path)
         if not path.name.endswith(".seg.nrrd"):
             raise ValueError(f"{path}: a segmentation file must end in .seg.nrrd")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
         storage = slicer.vtkMRMLSegmentationStorageNode()
-        storage.SetScene(self.scene)
-        storage.SetFileName(str(tmp))
         storage.SetCropToMinimumExtent(False)  # keep the image grid so the file lines up with the image voxel by voxel
-        storage.SetUseCompression(True)
-        try:
-            if not storage.WriteData(segmentationNode):
-                raise ImageError(f"{path}: could not write {segmentationNode.GetName()!r}")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        return self._writeWithStorageNode(storage, segmentationNode, path)
 
     # ---- a whole case ----------------------------------------------------------------------------------------
 
