@@ -490,3 +490,31 @@ def test_cli_import_monai_label_folder_token_check_settings(tmp_path, tiny_datas
     assert main(["datastore-settings", "--datastore", str(dest), "colour=3"]) == 2
     assert main(["import-datastore", str(src), "--datastore", str(dest), "--labels", "some"]) == 2
     assert main(["token", "--datastore", str(tmp_path / "nowhere")]) == 2
+
+
+def test_an_index_made_before_the_shown_map_was_recorded_is_upgraded_in_place(store):
+    """A datastore whose label table predates `uncertainty_kind`/`threshold` opens, gains the columns, keeps its
+    revisions and records the shown map of new corrections."""
+    import sqlite3
+
+    cid = _train_ids(store)[0]
+    grid = store.grid(cid)
+    before = store.revisions(cid)
+    store.close()
+    db = sqlite3.connect(store.index_dir / "index.sqlite")
+    db.execute("ALTER TABLE labels DROP COLUMN uncertainty_kind")
+    db.execute("ALTER TABLE labels DROP COLUMN threshold")
+    db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    db.commit()
+    db.close()
+
+    reopened = Datastore(store.root)
+    columns = {r["name"] for r in reopened.db.execute("PRAGMA table_info(labels)")}
+    assert {"uncertainty_kind", "threshold"} <= columns
+    assert reopened.revisions(cid) == before
+    mask = np.zeros(grid.shape, np.uint8)
+    mask[0, :4, :4] = 1
+    rev, _ = reopened.add_label(cid, _grid_volume(reopened, cid, np.zeros(grid.shape)), kind="correction",
+                                author="alice", reviewed_mask=_grid_volume(reopened, cid, mask),
+                                uncertainty_kind="mutual_information", threshold=0.4)
+    assert rev["uncertainty_kind"] == "mutual_information" and rev["threshold"] == pytest.approx(0.4)
