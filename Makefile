@@ -46,3 +46,9 @@ bench-uncertainty: $(STAMP)
 # PROFILES="quick" skips LA2018, whose h5 layout is read from ../shared/data/LA2018 or $$SSLSEGMENT_LA2018).
 bench-loop: $(STAMP)
 	for p in $${PROFILES:-quick la}; do nice $(BIN)/python -m benchmarks.loop --profile $$p || exit 1; done
+
+# Training speed: ms per step of the bare MONAI UNet, the default network, every method's Trainer.train_step and its
+# floor (the network passes it needs), and the uncertainty map (benchmarks/results/training-speed.{json,md}).
+.PHONY: bench-speed
+bench-speed: $(STAMP)
+	$(BIN)/python -m benchmarks.speed

@@ -1,5 +1,6 @@
 """The shared trainer: it learns, it is reproducible, it stops cleanly, and its checkpoints are safe to load."""
 
+import copy
 import pickle
 
 import numpy as np
@@ -7,9 +8,10 @@ import pytest
 import torch
 
 from conftest import TINY_NET, TINY_PATCH, assert_learned
-from SSLSegmentLib.data.dataset import DataSet
+from SSLSegmentLib.data.dataset import DataSet, Sample
 from SSLSegmentLib.ml.checkpoint import checkpoint_patch_size
 from SSLSegmentLib.ml.trainer import (
+    PatchSampler,
     TrainConfig,
     Trainer,
     TrainingCancelled,
@@ -138,3 +140,83 @@ def test_config_is_validated():
         TrainConfig(network=TINY_NET, patch_size=(15, 32, 32))
     with pytest.raises(ValueError, match="lr_schedule"):
         TrainConfig(lr_schedule="cosine")
+
+
+def test_ema_teacher_is_the_parameterwise_rule(tiny_dataset):
+    train, _ = _data(tiny_dataset)
+    t = Trainer(_config(method="mean-teacher", iterations=5), train)
+    for _ in range(3):
+        t.train_step()
+        with torch.no_grad():  # a teacher that differs from the student, so the update has something to mix
+            for p in t.teacher.parameters():
+                p.add_(0.01)
+        expected = copy.deepcopy(t.teacher)
+        alpha = min(1.0 - 1.0 / (t.step + 1), t.config.ema_decay)
+        with torch.no_grad():
+            for tp, sp in zip(expected.parameters(), t.student.parameters()):
+                tp.mul_(alpha).add_(sp, alpha=1.0 - alpha)
+            for tb, sb in zip(expected.buffers(), t.student.buffers()):
+                tb.copy_(sb)
+        t.update_teacher()
+        got, want = t.teacher.state_dict(), expected.state_dict()
+        assert got.keys() == want.keys()
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7, msg=k)
+
+
+def _index_sample(shape):
+    """A sample whose image is each voxel's flat index and whose label and mask are functions of it."""
+    idx = np.arange(np.prod(shape), dtype=np.int64).reshape(shape)
+    return Sample("idx", idx.astype(np.float32), (idx % 7).astype(np.uint8), (idx % 2).astype(np.uint8)), idx
+
+
+def test_patches_are_aligned_cover_the_volume_and_turn_with_the_right_probabilities():
+    sample, idx = _index_sample((10, 12, 12))
+    patch = (4, 6, 6)
+    sampler = PatchSampler(patch, augment=True, seed=5)
+    seen = np.zeros(idx.size, bool)
+    flips_y = flips_x = 0
+    turns = {1: 0, 2: 0, 3: 0}
+    n = 3000
+    for _ in range(n):
+        params = sampler.draw(idx.shape)
+        image, label, mask = (sampler.apply(torch.as_tensor(a), params)
+                              for a in (sample.image, sample.label, sample.labeled_mask))
+        assert image.shape == label.shape == mask.shape == patch
+        values = image.numpy().astype(np.int64)
+        np.testing.assert_array_equal(label.numpy(), values % 7)  # the same crop and turns for all three
+        np.testing.assert_array_equal(mask.numpy(), values % 2)
+        (z, y, x), flips, k = params["start"], params["flips"], params["k"]
+        want = idx[z : z + 4, y : y + 6, x : x + 6]
+        want = np.rot90(np.flip(want, flips) if flips else want, k, axes=(1, 2))
+        np.testing.assert_array_equal(values, want)  # a crop, flipped in y/x, then turned in-plane
+        seen[values.ravel()] = True
+        flips_y += 1 in flips
+        flips_x += 2 in flips
+        if k:
+            turns[k] += 1
+    assert seen.all()  # every voxel, corners included, can be drawn
+    for count in (flips_y, flips_x, sum(turns.values())):
+        assert abs(count / n - 0.5) < 0.04
+    for count in turns.values():
+        assert abs(count / sum(turns.values()) - 1 / 3) < 0.05
+
+    # Same seed, same patches; the patches of a whole sample come back in its dtypes.
+    a, b = PatchSampler(patch, True, seed=9), PatchSampler(patch, True, seed=9)
+    for _ in range(5):
+        for pa, pb in zip(a(sample), b(sample)):
+            assert torch.equal(pa, pb)
+    assert [p.dtype for p in a(sample)] == [torch.float32, torch.uint8, torch.uint8]
+
+
+def test_patches_pad_small_volumes_and_skip_turns_when_not_asked_or_not_square():
+    sample, idx = _index_sample((3, 12, 12))
+    image, label, mask = PatchSampler((4, 6, 6), augment=False, seed=0)(sample)
+    assert image.shape == (4, 6, 6)
+    assert mask[-1].sum() == 0 and image[-1].abs().sum() == 0  # 1 missing slice: zero-padded after, as MONAI pads
+    plain = PatchSampler((4, 6, 6), augment=False, seed=0)
+    assert all(plain.draw(idx.shape)["flips"] == [] and plain.draw(idx.shape)["k"] == 0 for _ in range(50))
+    oblong = PatchSampler((4, 6, 8), augment=True, seed=0)
+    assert all(oblong.draw(idx.shape)["k"] == 0 for _ in range(50))
+    with pytest.raises(ValueError, match="three positive sizes"):
+        PatchSampler((4, 6), augment=True, seed=0)

@@ -214,7 +214,8 @@ def predict_volume(
         maps["variance"].zero_()
     p = maps["probabilities"]
     return Prediction(
-        label=p.argmax(1)[0].to(torch.uint8).cpu().numpy(),
+        # max().indices, not argmax(): the same first-max class, without argmax's slow strided CPU reduction.
+        label=p.max(1).indices[0].to(torch.uint8).cpu().numpy(),
         probabilities=p[0].cpu().numpy(),
         entropy=maps["entropy"][0, 0].cpu().numpy(),
         mutual_information=maps["mutual_information"][0, 0].cpu().numpy(),

@@ -1,7 +1,7 @@
 """The shared teacher-student trainer. Every method plugs in through `SSLMethod.compute_loss`.
 
 What it owns: student + EMA teacher, two-stream batches (labeled first, then unlabeled), voxelwise
-`labeled_mask`, sigmoid ramp-up, SGD with a learning-rate schedule, MONAI patch sampling and augmentation,
+`labeled_mask`, sigmoid ramp-up, SGD with a learning-rate schedule, patch sampling and augmentation on tensors,
 validation on a fixed split with the best checkpoint kept, atomic checkpoints carrying config, seed, data
 snapshot and metrics, NaN detection, progress callbacks and cooperative cancellation.
 """
@@ -37,6 +37,7 @@ from SSLSegmentLib.ml.networks import NetworkConfig, SegNet, build_network
 # trainer); they stay importable from here for the callers that train and load in one place.
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "PatchSampler",
     "Progress",
     "TrainConfig",
     "Trainer",
@@ -45,7 +46,6 @@ __all__ = [
     "TwoStreamSampler",
     "checkpoint_patch_size",
     "load_checkpoint",
-    "make_patch_transform",
     "model_from_checkpoint",
     "save_checkpoint",
     "seed_everything",
@@ -122,23 +122,64 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_patch_transform(patch_size, augment: bool, seed: int):
-    """MONAI dictionary transforms on (1, z, y, x) arrays: pad to the patch, random crop, flips and 90° turns."""
-    from monai.transforms import Compose, RandFlipd, RandRotate90d, RandSpatialCropd, SpatialPadd
+class PatchSampler:
+    """Random training patches of in-memory volumes, cut and augmented as torch tensors.
 
-    keys = ["image", "label", "labeled_mask"]
-    ts = [
-        SpatialPadd(keys, spatial_size=patch_size, mode="constant"),
-        RandSpatialCropd(keys, roi_size=patch_size, random_size=False),
-    ]
-    if augment:
-        # In-plane turns only when the plane is square, so the patch keeps its shape.
-        ts += [RandFlipd(keys, prob=0.5, spatial_axis=1), RandFlipd(keys, prob=0.5, spatial_axis=2)]
-        if patch_size[1] == patch_size[2]:
-            ts.append(RandRotate90d(keys, prob=0.5, max_k=3, spatial_axes=(1, 2)))
-    t = Compose(ts)
-    t.set_random_state(seed=seed)
-    return t
+    Per patch: zero-pad a volume smaller than the patch (symmetrically, as MONAI's SpatialPad), a crop whose corner is
+    uniform over every position that keeps it inside the volume, then with `augment` a flip of y and a flip of x,
+    each with probability 1/2, and with probability 1/2 an in-plane (y, x) turn by k·90°, k uniform in {1, 2, 3}
+    (only when the plane is square, so the patch keeps its shape). These are the draws of MONAI's RandSpatialCropd,
+    RandFlipd and RandRotate90d; done here directly on views of the volumes, a step costs two small copies per patch
+    instead of dictionary transforms and a whole-volume dtype conversion per sample. Image, label and labeled_mask
+    get the same crop and the same turns. Deterministic given the seed.
+    """
+
+    def __init__(self, patch_size, augment: bool, seed: int):
+        self.patch_size = tuple(int(p) for p in patch_size)
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise ValueError(f"patch_size must be three positive sizes (z, y, x), got {patch_size}")
+        self.augment = bool(augment)
+        self.turns = self.augment and self.patch_size[1] == self.patch_size[2]
+        self.rng = np.random.default_rng(seed)
+
+    def draw(self, shape) -> dict:
+        """The random choices for one patch of a volume of `shape` (z, y, x), after padding to the patch."""
+        size = [max(int(n), p) for n, p in zip(shape, self.patch_size)]
+        start = [int(self.rng.integers(0, n - p + 1)) for n, p in zip(size, self.patch_size)]
+        flips: list[int] = []
+        k = 0
+        if self.augment:
+            flips = [axis for axis in (1, 2) if self.rng.random() < 0.5]
+            if self.turns and self.rng.random() < 0.5:
+                k = int(self.rng.integers(1, 4))
+        return {"start": start, "flips": flips, "k": k}
+
+    def apply(self, volume: torch.Tensor, params: dict) -> torch.Tensor:
+        """One volume (z, y, x) → its patch (z, y, x) under `params` (from `draw`)."""
+        if volume.dim() != 3:
+            raise ValueError(f"expected a volume (z, y, x), got shape {tuple(volume.shape)}")
+        short = [max(p - n, 0) for n, p in zip(volume.shape, self.patch_size)]
+        if any(short):
+            pad = []
+            for d in reversed(short):  # F.pad lists the last axis first
+                pad += [d // 2, d - d // 2]
+            volume = torch.nn.functional.pad(volume, pad)
+        (z, y, x), (pz, py, px) = params["start"], self.patch_size
+        patch = volume[z : z + pz, y : y + py, x : x + px]
+        if params["flips"]:
+            patch = torch.flip(patch, params["flips"])
+        if params["k"]:
+            patch = torch.rot90(patch, params["k"], (1, 2))
+        return patch
+
+    def __call__(self, sample: Sample) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(image, label, labeled_mask) patches (z, y, x) of one sample, in the sample's dtypes."""
+        volumes = [torch.as_tensor(np.ascontiguousarray(a)) for a in (sample.image, sample.label, sample.labeled_mask)]
+        if not volumes[0].shape == volumes[1].shape == volumes[2].shape:
+            raise ValueError(f"sample {sample.case_id}: image, label and labeled_mask differ in shape "
+                             f"{[tuple(v.shape) for v in volumes]}")
+        params = self.draw(volumes[0].shape)
+        return tuple(self.apply(v, params) for v in volumes)
 
 
 class TwoStreamSampler:
@@ -227,7 +268,7 @@ class Trainer:
         self.optimizer = torch.optim.SGD(
             self.student.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
         )
-        self.transform = make_patch_transform(config.patch_size, config.augment, config.seed * 7919 + self.rank)
+        self.patches = PatchSampler(config.patch_size, config.augment, config.seed * 7919 + self.rank)
         bu = config.batch_unlabeled if self.method.uses_unlabeled else 0
         self.sampler = TwoStreamSampler(samples, config.batch_labeled, bu, config.seed * 104729 + self.rank)
         self.generator = torch.Generator().manual_seed(config.seed * 31 + self.rank)
@@ -245,31 +286,27 @@ class Trainer:
         return c.lr
 
     def make_batch(self) -> dict[str, torch.Tensor]:
+        """The next step's batch: labeled stream first, then unlabeled; image/labeled_mask float, label long, each
+        (B, 1, *patch_size), and n_labeled (a 0-d tensor)."""
         li, ui = self.sampler.next()
-        items = []
-        for i in li + ui:
-            s = self.samples[i]
-            items.append(
-                self.transform(
-                    {"image": s.image[None], "label": s.label[None].astype(np.int64), "labeled_mask": s.labeled_mask[None].astype(np.float32)}
-                )
-            )
-        batch = {}
-        for k in ("image", "label", "labeled_mask"):
-            batch[k] = torch.stack([torch.as_tensor(np.asarray(it[k])) for it in items]).to(self.device)
-        batch["label"] = batch["label"].long()
-        batch["image"] = batch["image"].float()
-        batch["labeled_mask"] = batch["labeled_mask"].float()
-        batch["n_labeled"] = torch.tensor(len(li))
-        return batch
+        patches = [self.patches(self.samples[i]) for i in li + ui]
+        image, label, mask = (torch.stack([p[k] for p in patches])[:, None] for k in range(3))
+        return {
+            "image": image.to(self.device, torch.float32),
+            "label": label.to(self.device, torch.long),
+            "labeled_mask": mask.to(self.device, torch.float32),
+            "n_labeled": torch.tensor(len(li)),
+        }
 
     @torch.no_grad()
     def update_teacher(self) -> None:
+        """teacher ← α·teacher + (1 − α)·student over the parameters (α = min(1 − 1/(step + 1), ema_decay)); the
+        buffers (BatchNorm statistics) are copied. One fused call per list rather than two kernels per tensor."""
         alpha = min(1.0 - 1.0 / (self.step + 1), self.config.ema_decay)
-        for tp, sp in zip(self.teacher.parameters(), self.student.parameters()):
-            tp.mul_(alpha).add_(sp.detach(), alpha=1.0 - alpha)
-        for tb, sb in zip(self.teacher.buffers(), self.student.buffers()):
-            tb.copy_(sb)
+        teacher = list(self.teacher.parameters())
+        torch._foreach_mul_(teacher, alpha)
+        torch._foreach_add_(teacher, [p.detach() for p in self.student.parameters()], alpha=1.0 - alpha)
+        torch._foreach_copy_(list(self.teacher.buffers()), list(self.student.buffers()))
 
     def train_step(self) -> tuple[float, dict]:
         c = self.config

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from SSLSegmentLib.ml.methods.base import MethodOutput, SSLMethod, StepContext, register_method
-from SSLSegmentLib.ml.methods.losses import masked_cross_entropy, masked_dice_loss, normalized_entropy, supervised_loss, teacher_probabilities
+from SSLSegmentLib.ml.methods.losses import class_index, masked_cross_entropy, masked_dice_loss, normalized_entropy, supervised_loss, teacher_probabilities
 
 
 @register_method
@@ -65,7 +65,7 @@ class BidirectionalRegionLoss(SSLMethod):
         high, certain = self.region_masks(uncertainty, labeled_mask)
         sup = supervised_loss(logits, label, labeled_mask)
         url = 0.5 * (masked_cross_entropy(logits, label, high) + masked_dice_loss(probs, label, high))
-        pseudo = teacher_probs.argmax(1, keepdim=True)
+        pseudo = class_index(teacher_probs)
         crl = 0.5 * (masked_cross_entropy(logits, pseudo, certain) + masked_dice_loss(probs, pseudo, certain))
         loss = sup + self.beta * url + weight * crl
         n_lab = labeled_mask.sum().clamp_min(1.0)

@@ -20,7 +20,17 @@ import torch
 import torch.nn.functional as F
 
 from SSLSegmentLib.ml.methods.base import MethodOutput, SSLMethod, StepContext, register_method
-from SSLSegmentLib.ml.methods.losses import masked_mse, supervised_loss, teacher_probabilities
+from SSLSegmentLib.ml.methods.losses import class_index, masked_mse, supervised_loss, teacher_probabilities, unit_vectors
+
+
+def _voxel_rows(features: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows (N, F) of features (B, F, ...) at flat voxel indices `idx` (N,) into the (B, 1, ...) grid, in idx order.
+
+    Gathered from a view, so only the selected voxels are copied (not the whole channels-last feature volume).
+    """
+    flat = features.flatten(2)  # (B, F, S)
+    s = flat.shape[2]
+    return flat[idx // s, :, idx % s]
 
 
 @register_method
@@ -88,12 +98,12 @@ class LowConfidenceConsistency(SSLMethod):
     @staticmethod
     def class_means(features: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean L2-normalised feature per class over masked voxels: ((C, F), (C,) count). features (B, F, ...)."""
-        f = F.normalize(features, dim=1).movedim(1, -1).reshape(-1, features.shape[1])
-        t = target.reshape(-1).long()
-        m = mask.reshape(-1) > 0.5
-        onehot = F.one_hot(t[m].clamp(0, num_classes - 1), num_classes).float()  # (N, C)
+        idx = (mask.reshape(-1) > 0.5).nonzero().flatten()
+        with torch.no_grad():  # the means feed a no-grad prototype update
+            f = unit_vectors(_voxel_rows(features, idx))  # (N, F)
+        onehot = F.one_hot(target.reshape(-1)[idx].long().clamp(0, num_classes - 1), num_classes).float()  # (N, C)
         counts = onehot.sum(0)
-        sums = onehot.T @ f[m]
+        sums = onehot.T @ f
         return sums / counts.clamp_min(1.0).unsqueeze(1), counts
 
     def separation_loss(self, features: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, generator=None) -> torch.Tensor:
@@ -101,7 +111,6 @@ class LowConfidenceConsistency(SSLMethod):
         target (B, 1, ...) long, mask (B, 1, ...). 0 when no voxel is selected or a prototype is still missing."""
         if self.prototypes.numel() == 0 or not bool(self.prototype_seen.all()):
             return features.sum() * 0.0
-        f = features.movedim(1, -1).reshape(-1, features.shape[1])
         t = target.reshape(-1).long()
         idx = (mask.reshape(-1) > 0.5).nonzero().flatten()
         if idx.numel() == 0:
@@ -109,7 +118,7 @@ class LowConfidenceConsistency(SSLMethod):
         if idx.numel() > self.max_feature_voxels:
             keep = torch.randperm(idx.numel(), generator=generator)[: self.max_feature_voxels].to(idx.device)
             idx = idx[keep]
-        sim = F.normalize(f[idx], dim=1) @ F.normalize(self.prototypes, dim=1).T  # (N, C) cosine
+        sim = F.normalize(_voxel_rows(features, idx), dim=1) @ F.normalize(self.prototypes, dim=1).T  # (N, C) cosine
         return F.cross_entropy(sim / self.temperature, t[idx].clamp(0, self.prototypes.shape[0] - 1))
 
     @torch.no_grad()
@@ -144,7 +153,7 @@ class LowConfidenceConsistency(SSLMethod):
             self._pending = None
         else:
             self._pending = (means, counts)
-        target = torch.where(labeled > 0.5, ctx.label, q.argmax(1, keepdim=True))
+        target = torch.where(labeled > 0.5, ctx.label, class_index(q))
         cs = self.separation_loss(feats, target, labeled + high, ctx.generator)
         w = self.weight(ctx)
         loss = sup + w * (lc + self.separation_weight * cs)

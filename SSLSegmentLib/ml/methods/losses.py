@@ -79,6 +79,26 @@ def supervised_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tens
     return 0.5 * (masked_cross_entropy(logits, target, mask) + masked_dice_loss(logits.softmax(1), target, mask))
 
 
+def class_index(probs: torch.Tensor) -> torch.Tensor:
+    """The most probable class per voxel, (B, C, ...) → (B, 1, ...) long; the first one on a tie, as argmax.
+
+    `max(dim).indices` rather than `argmax(dim)`: on the CPU, argmax over the class axis of a 5-D tensor runs as a slow
+    strided reduction that costs more than the rest of a method's loss.
+    """
+    return probs.max(1, keepdim=True).indices
+
+
+def unit_vectors(x: torch.Tensor, dim: int = 1, eps: float = 1e-12) -> torch.Tensor:
+    """x / max(‖x‖, eps) along `dim`, as F.normalize, for tensors without gradients.
+
+    The norm as a plain sum of squares: torch's vector_norm over a non-innermost axis is a slow strided reduction on
+    the CPU. (Its square root has no safe gradient at 0, hence no-grad use only; rows with gradients use F.normalize.)
+    """
+    if x.requires_grad and torch.is_grad_enabled():
+        raise ValueError("unit_vectors is for tensors without gradients; use F.normalize")
+    return x / (x * x).sum(dim, keepdim=True).sqrt().clamp_min(eps)
+
+
 def normalized_entropy(probs: torch.Tensor) -> torch.Tensor:
     """−Σ_c p_c log p_c / log C, in [0, 1]: (B, C, ...) → (B, 1, ...)."""
     c = probs.shape[1]

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from SSLSegmentLib.ml.methods.base import MethodOutput, SSLMethod, StepContext, register_method
-from SSLSegmentLib.ml.methods.losses import EPS, input_noise, masked_dice_loss, supervised_loss, teacher_probabilities
+from SSLSegmentLib.ml.methods.losses import EPS, class_index, input_noise, masked_dice_loss, supervised_loss, teacher_probabilities
 
 
 @register_method
@@ -69,7 +69,7 @@ class SGRS(SSLMethod):
     def partition(self, probs: torch.Tensor, probs_mix: torch.Tensor) -> dict[str, torch.Tensor]:
         """Regions from the predictions before (P) and after (P_m) mixing, each (B, 1, ...) float:
         consistent C, different D, uncertain I, and the retained C' = C \\ I and D' = D \\ I."""
-        agree = (probs.argmax(1, keepdim=True) == probs_mix.argmax(1, keepdim=True)).float()
+        agree = (class_index(probs) == class_index(probs_mix)).float()
         bg, bg_mix = probs[:, :1], probs_mix[:, :1]
         uncertain = (((bg > self.tau) & (bg < 1 - self.tau)) | ((bg_mix > self.tau) & (bg_mix < 1 - self.tau))).float()
         return {
@@ -129,7 +129,7 @@ class SGRS(SSLMethod):
         lam = self.mix_coefficients(len(targets), ctx.generator).to(image.device).view(-1, *([1] * (image.dim() - 1)))
         u_mix = lam * u_noisy + (1.0 - lam) * x_noisy
         q = teacher_probabilities(ctx.teacher, u_noisy, passes=1, noise=False)
-        pseudo = q.argmax(1, keepdim=True)
+        pseudo = class_index(q)
 
         # One forward over [batch, U_mix], so BatchNorm sees the mixed images with the rest, as in the released code.
         logits_all = ctx.student(torch.cat([image, u_mix], 0))["logits"]

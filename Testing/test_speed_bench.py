@@ -1,0 +1,34 @@
+"""The speed benchmark's machinery on tiny sizes: every row is timed and the ratios are written (no timed assertion)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from benchmarks import speed
+from SSLSegmentLib.ml.methods import available_methods
+
+
+def test_quick_run_writes_the_ratios_and_a_row_per_variant(tmp_path, one_torch_thread):
+    assert speed.main(["--quick", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "training-speed.json").read_text())
+    methods = set(available_methods())
+    assert set(result["step_vs_floor"]) == methods
+    ratios = [result["network_vs_bare"], result["map_vs_bare_forward"], *result["step_vs_floor"].values()]
+    assert all(isinstance(r, float) and math.isfinite(r) and r > 0 for r in ratios)
+    rows = result["rows"]
+    for name in ("bare-unet", "segnet", "map:predict_volume", "map:bare-forward", *(f"step:{m}" for m in methods),
+                 *(f"floor:{m}" for m in methods)):
+        assert rows[name]["ms"] > 0 and len(rows[name]["ms_rounds"]) >= 1
+    env = result["environment"]
+    assert {"date", "torch", "monai", "processor", "load_average_at_start", "load_average_at_end"} <= set(env)
+    md = (tmp_path / "training-speed.md").read_text()
+    assert "network_vs_bare" in md and "step_vs_floor" in md and "Load average" in md
+
+
+def test_every_method_has_a_floor():
+    from SSLSegmentLib.ml.methods import get_method
+
+    for name in available_methods():
+        spec = speed._floor_spec(get_method(name), 2, 2)
+        assert spec["student"] >= 2 and speed._describe_floor(spec).startswith("student")
