@@ -149,11 +149,12 @@ def test_balanced_masks_with_fractional_counts_keep_the_probability():
 def test_head_mc_volume_equals_full_mc_volume_across_sliding_windows():
     net = _net()
     image = _image((16, 24, 40))  # (8, 16, 16) windows: 3 × 2 × 3 overlapping windows
-    head = predict_volume(net, image, WINDOW, passes=4, device="cpu", estimator="head_mc", seed=2)
+    head = predict_volume(net, image, WINDOW, passes=4, device="cpu", estimator="head_mc", seed=2, roi=WINDOW)
     variants = [
-        predict_volume(net, image, WINDOW, passes=4, device="cpu", estimator="mc_dropout", seed=2, pass_batch=1),
+        predict_volume(net, image, WINDOW, passes=4, device="cpu", estimator="mc_dropout", seed=2, pass_batch=1,
+                       roi=WINDOW),
         predict_volume(net, image, WINDOW, passes=4, device="cpu", estimator="mc_dropout", seed=2, pass_batch=None,
-                       sw_batch_size=3),
+                       sw_batch_size=3, roi=WINDOW),
     ]
     assert head.estimator == "head_mc" and head.passes == 4
     assert head.mutual_information.max() > 1e-3
@@ -163,8 +164,14 @@ def test_head_mc_volume_equals_full_mc_volume_across_sliding_windows():
         np.testing.assert_allclose(full.entropy, head.entropy, atol=1e-5)
         np.testing.assert_allclose(full.mutual_information, head.mutual_information, atol=1e-5)
         np.testing.assert_allclose(full.variance, head.variance, atol=1e-5)
-    other_seed = predict_volume(net, image, WINDOW, passes=4, device="cpu", estimator="head_mc", seed=3)
+    other_seed = predict_volume(net, image, WINDOW, passes=4, device="cpu", estimator="head_mc", seed=3, roi=WINDOW)
     assert np.abs(other_seed.mutual_information - head.mutual_information).max() > 1e-4
+    # The default windows (here one window of the whole volume) keep head MC exact too.
+    whole_head = predict_volume(net, image, WINDOW, passes=4, device="cpu", estimator="head_mc", seed=2)
+    whole_full = predict_volume(net, image, WINDOW, passes=4, device="cpu", estimator="mc_dropout", seed=2)
+    assert whole_head.mutual_information.max() > 1e-3
+    for kind in ("probabilities", "entropy", "mutual_information", "variance"):
+        np.testing.assert_allclose(getattr(whole_full, kind), getattr(whole_head, kind), atol=1e-5)
 
 
 # -- what the maps mean --------------------------------------------------------------------------------------------
@@ -293,8 +300,10 @@ def test_backward_compatible_call_and_deterministic_single_pass():
 def test_windows_per_batch_change_the_speed_not_the_maps():
     net = _net()
     image = _image((16, 24, 40))
-    auto = predict_volume(net, image, WINDOW, passes=4, device="cpu", estimator="head_mc", seed=3)  # "auto": 1 on a CPU
-    four = predict_volume(net, image, WINDOW, passes=4, device="cpu", estimator="head_mc", seed=3, sw_batch_size=4)
+    auto = predict_volume(net, image, WINDOW, passes=4, device="cpu", estimator="head_mc", seed=3,
+                          roi=WINDOW)  # "auto": 1 on a CPU
+    four = predict_volume(net, image, WINDOW, passes=4, device="cpu", estimator="head_mc", seed=3, sw_batch_size=4,
+                          roi=WINDOW)
     np.testing.assert_allclose(four.probabilities, auto.probabilities, atol=1e-5)
     np.testing.assert_allclose(four.entropy, auto.entropy, atol=1e-5)
     for bad in (0, "four", 1.5):
@@ -335,6 +344,9 @@ def test_volumes_keep_the_geometry_and_optional_variance():
         ({"estimator": "flips", "flip_axes": (3,)}, "flip axes"),
         ({"pass_batch": 0}, "pass_batch"),
         ({"temperature": -1.0}, "temperature"),
+        ({"roi": "whole"}, "roi must be"),
+        ({"roi": (8, 16)}, "roi must be"),
+        ({"max_window_voxels": 0}, "max_window_voxels"),
     ],
 )
 def test_bad_arguments_get_clear_errors(kwargs, message):

@@ -40,9 +40,9 @@ PASSES = 8
 
 
 def _case(name, estimator, pass_batch=1, sw="auto", amp=None, window="patch", repeats=0, threads=None):
-    """One speed row. window: "patch" = the training patch (what the product infers with), "volume" = the whole volume
-    as one window. sw "auto" and amp None = the product's defaults (windows per batch: 1 on a CPU, 4 on CUDA;
-    float32). repeats: timed runs on a CPU after the
+    """One speed row. window: "patch" = windows of the training patch, "volume" = the whole volume as one window (what
+    the product's default, roi="auto", takes for this volume). sw "auto" and amp None = the product's defaults
+    (windows per batch: 1 on a CPU, 4 on CUDA; float32). repeats: timed runs on a CPU after the
     first (the first run is timed too; for the long rows it is the only one)."""
     return {"name": name, "estimator": estimator, "pass_batch": pass_batch, "sw": sw, "amp": amp, "window": window,
             "repeats": repeats, "threads": threads}
@@ -188,7 +188,9 @@ def train_versions(work: Path, iterations: int, more: int, threads: int, log) ->
 # -- speed -----------------------------------------------------------------------------------------------------------
 def _kwargs(case: dict, device: str) -> dict:
     kw = {"passes": 1 if case["estimator"] == "plain" else PASSES, "estimator": case["estimator"],
-          "pass_batch": case["pass_batch"], "sw_batch_size": case["sw"], "device": device}
+          "pass_batch": case["pass_batch"], "sw_batch_size": case["sw"], "device": device,
+          # The window given is the one that runs (predict_volume's default, roi="auto", would take this whole volume).
+          "roi": "patch"}
     if case["amp"] is not None:
         kw["amp"] = case["amp"]
     return kw

@@ -216,13 +216,28 @@ class PassStatistics:
         self.count += n
 
     def result(self) -> torch.Tensor:
+        """The means, written straight into the output's channels: with one window per volume the statistics are
+        volume-sized, and temporaries would each be another copy of the volume."""
         if self.sums is None:
             raise RuntimeError("no pass was added")
-        mean_p, mean_h, mean_p2 = (s / self.count for s in self.sums)
+        sum_p, sum_h, sum_p2 = self.sums
+        c = sum_p.shape[1]
+        k = 2 * c + 1 if not self.binary else 5
+        out = torch.empty((sum_p.shape[0], k, *sum_p.shape[2:]), dtype=sum_p.dtype, device=sum_p.device)
+        scale = 1.0 / self.count
         if not self.binary:
-            return torch.cat([mean_p, mean_h, mean_p2], dim=1)
+            torch.mul(sum_p, scale, out=out[:, :c])
+            torch.mul(sum_h, scale, out=out[:, c : c + 1])
+            torch.mul(sum_p2, scale, out=out[:, c + 1 :])
+            return out
         # p₀ = 1 − p₁, so E[p₀] = 1 − E[p₁] and E[p₀²] = 1 − 2E[p₁] + E[p₁²].
-        return torch.cat([1.0 - mean_p, mean_p, mean_h, 1.0 - 2.0 * mean_p + mean_p2, mean_p2], dim=1)
+        mean_p, mean_h, mean_p2 = out[:, 1:2], out[:, 2:3], out[:, 4:5]
+        torch.mul(sum_p, scale, out=mean_p)
+        torch.mul(sum_h, scale, out=mean_h)
+        torch.mul(sum_p2, scale, out=mean_p2)
+        torch.neg(mean_p, out=out[:, 0:1]).add_(1.0)
+        torch.add(mean_p2, mean_p, alpha=-2.0, out=out[:, 3:4]).add_(1.0)
+        return out
 
 
 def split_statistics(stats: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -514,8 +529,8 @@ class HeadMCDropoutEstimator(_SeededDropoutMixin, UncertaintyEstimator):
             m = masks[start : start + n]  # (n, B, F)
             folded = torch.einsum("kf,nbf->bnkf", weight, m).reshape(b, n * k, f)
             out = torch.bmm(folded.to(flat.dtype), flat)  # (B, n·K, V)
-            if bias is not None:
-                out = out + bias.to(out.dtype).repeat(n)[None, :, None]
+            if bias is not None:  # in place: `out` is this chunk's own product
+                out.add_(bias.to(out.dtype).repeat(n)[None, :, None])
             yield out.view(b, n, k, *spatial).transpose(0, 1)
 
     def _folded_logits(self, net, features, masks) -> Iterator[torch.Tensor]:
