@@ -54,6 +54,9 @@ def test_no_gap_closed_when_full_supervision_is_not_above_supervised():
     table = markdown_table(result)
     assert "No gap to close" in table and "73.00 vs 75.00" in table
     assert "Method options other than the defaults: brl: beta = 0.3." in table
+    assert "Network options" not in table
+    table = markdown_table({**result, "network_options": {"features": 8, "top_res_unit": False}})
+    assert "Network options other than the profile's: features = 8, top_res_unit = False." in table
     assert "%" not in table.split("| ua-mt |")[1].split("|")[4]  # the gap column stays empty
 
 

@@ -7,19 +7,23 @@ milliseconds per call in that round. One torch thread unless --threads says othe
 Training rows (batch of 2 labeled + 2 unlabeled patches of 32×48×48; 2 labeled where a method ignores unlabeled data):
   network   the bare MONAI UNet with the default network's channels, strides and residual units and 2 output classes,
             and the default SegNet, each forward + cross-entropy + backward + SGD step on fixed tensors; candidate
-            SegNets (fewer feature channels, no or an in-place feature activation) the same way
+            SegNets (fewer feature channels, no or an in-place feature activation, no full-resolution top residual
+            unit) the same way
   method    every registered method's real `Trainer.train_step` on in-memory phantom samples (sampling, augmentation,
             the method's loss, the optimiser step, the EMA teacher)
   floor     per method, the same network's student forward/backward/step on the patches that method's student sees,
             plus the no-grad teacher passes that method makes (FLOORS says which), on fixed tensors
   parts     pieces of the trainer step on their own (batch sampling + augmentation, the EMA update)
-Map rows (one 128×128×96 phantom volume, windows of the training patch, overlap 0.25):
-  map       `predict_volume` with its defaults (head MC, T = 8), the default SegNet's plain sliding-window forward, and
-            the bare MONAI UNet's sliding-window forward with the same windows and overlap (and, for scale, its
-            forward of the whole volume as one window)
+Map rows (one 128×128×96 phantom volume, overlap 0.25):
+  map       `predict_volume` with its defaults (head MC, T = 8, roi="auto": here one window of the whole volume) and
+            with windows of the training patch (roi="patch"); the bare MONAI UNet's and the default SegNet's forward
+            of the whole volume (one call, no sliding window) and their sliding-window forwards with windows of the
+            training patch
 
 Top-level ratios: network_vs_bare = SegNet / bare UNet step, step_vs_floor = method step / its floor,
-map_vs_bare_forward = predict_volume / bare UNet sliding-window forward.
+map_vs_bare_forward = predict_volume / bare UNet whole-volume forward (issue 13's bound),
+map_vs_bare_sliding = predict_volume / bare UNet sliding-window forward with the training patch,
+map_vs_network_forward = predict_volume / default SegNet whole-volume forward (what the map adds to its network).
 
     python -m benchmarks.speed            # writes benchmarks/results/training-speed.{json,md}
     python -m benchmarks.speed --quick    # tiny sizes, a few seconds: checks the machinery, not the speed
@@ -45,7 +49,7 @@ import torch.nn.functional as F
 
 from SSLSegmentLib.data.dataset import Sample
 from SSLSegmentLib.data.phantoms import PhantomConfig, make_phantom
-from SSLSegmentLib.ml.inference import predict_volume
+from SSLSegmentLib.ml.inference import DEFAULT_WINDOW_VOXELS, inference_window, predict_volume
 from SSLSegmentLib.ml.methods import available_methods
 from SSLSegmentLib.ml.methods.losses import enable_mc_dropout
 from SSLSegmentLib.ml.networks import NetworkConfig, build_network
@@ -189,6 +193,18 @@ def _sliding_forward(net: torch.nn.Module, volume: np.ndarray, patch, overlap: f
     return run
 
 
+def _whole_forward(net: torch.nn.Module, volume: np.ndarray) -> Callable[[], None]:
+    """The network's forward of the whole volume as one call: the floor of any map made with that network."""
+    x = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[None, None]
+    net.eval()
+
+    def run():
+        with torch.inference_mode():
+            _logits(net(x))
+
+    return run
+
+
 # -- timing --------------------------------------------------------------------------------------------------------
 def interleaved(variants: dict[str, Callable[[], None]], rounds: int, warmup: int, log=print) -> dict[str, list[float]]:
     """Milliseconds per call of each variant, one call per variant per round, the order rotated each round."""
@@ -261,6 +277,11 @@ def run(profile: Profile, threads: int = 1, methods: list[str] | None = None, lo
     relu.feature_act = torch.nn.ReLU(inplace=True)
     add("segnet-relu-inplace", "candidate", _network_step(relu, x, y),
         f"SegNet features {net_cfg.features}, in-place ReLU instead of PReLU")
+    if net_cfg.arch == "unet" and net_cfg.num_res_units > 0:
+        for f in sorted({net_cfg.features, 8, 4}):
+            add(f"segnet-f{f}-notop", "candidate", _network_step(build_network(net_cfg, features=f, top_res_unit=False),
+                                                                  x, y),
+                f"SegNet features {f} without the full-resolution top residual unit (top_res_unit=False)")
 
     samples = _phantom_samples(profile)
     names = methods or list(available_methods())
@@ -282,7 +303,7 @@ def run(profile: Profile, threads: int = 1, methods: list[str] | None = None, lo
     log(f"training rows: {len(train)} variants x {profile.rounds} rounds")
     times = interleaved(train, profile.rounds, profile.warmup, log)
 
-    # The map rows: one volume, the same windows and overlap for all three.
+    # The map rows: one volume, one overlap; the training patch for every sliding-window row.
     vol_image, _ = make_phantom(7, PhantomConfig(shape=profile.volume_shape))
     volume = vol_image.array.astype(np.float32)
     segnet = build_network(net_cfg).eval()
@@ -290,16 +311,24 @@ def run(profile: Profile, threads: int = 1, methods: list[str] | None = None, lo
     overlap = 0.25
     maps = {
         "map:predict_volume": lambda: predict_volume(segnet, volume, profile.patch, overlap=overlap, device="cpu"),
+        "map:predict_volume-patch": lambda: predict_volume(segnet, volume, profile.patch, overlap=overlap, device="cpu",
+                                                           roi="patch"),
+        "map:segnet-whole-volume": _whole_forward(segnet, volume),
         "map:segnet-forward": _sliding_forward(segnet, volume, profile.patch, overlap),
+        "map:bare-whole-volume": _whole_forward(bare, volume),
         "map:bare-forward": _sliding_forward(bare, volume, profile.patch, overlap),
-        "map:bare-whole-volume": _sliding_forward(bare, volume, profile.volume_shape, overlap),
     }
     shape = "x".join(str(s) for s in reversed(profile.volume_shape))
-    rows["map:predict_volume"] = {"group": "map", "contains": f"predict_volume defaults (head MC, T=8) on {shape}, "
-                                                              f"windows {'x'.join(map(str, profile.patch))}, overlap {overlap}"}
-    rows["map:segnet-forward"] = {"group": "map", "contains": "default SegNet sliding-window forward, same windows"}
-    rows["map:bare-forward"] = {"group": "map", "contains": "bare MONAI UNet sliding-window forward, same windows"}
-    rows["map:bare-whole-volume"] = {"group": "map", "contains": "bare MONAI UNet, one window of the whole volume"}
+    patch = "x".join(map(str, profile.patch))
+    window = "x".join(str(s) for s in inference_window(profile.volume_shape, profile.patch, net_cfg.size_multiple,
+                                                          DEFAULT_WINDOW_VOXELS["cpu"], overlap))
+    rows["map:predict_volume"] = {"group": "map", "contains": f"predict_volume defaults (head MC, T=8, roi auto: window "
+                                                              f"{window}) on {shape}, overlap {overlap}"}
+    rows["map:predict_volume-patch"] = {"group": "map", "contains": f"the same with windows of the training patch {patch}"}
+    rows["map:segnet-whole-volume"] = {"group": "map", "contains": "default SegNet forward of the whole volume, one call"}
+    rows["map:segnet-forward"] = {"group": "map", "contains": f"default SegNet sliding-window forward, windows {patch}"}
+    rows["map:bare-whole-volume"] = {"group": "map", "contains": "bare MONAI UNet forward of the whole volume, one call"}
+    rows["map:bare-forward"] = {"group": "map", "contains": f"bare MONAI UNet sliding-window forward, windows {patch}"}
     log(f"map rows: {len(maps)} variants x {profile.map_rounds} rounds")
     times.update(interleaved(maps, profile.map_rounds, min(profile.warmup, 1), log))
 
@@ -309,7 +338,9 @@ def run(profile: Profile, threads: int = 1, methods: list[str] | None = None, lo
     result = {
         "network_vs_bare": round(ms["segnet"] / ms["bare-unet"], 3),
         "step_vs_floor": {n: round(ms[f"step:{n}"] / ms[f"floor:{n}"], 3) for n in names},
-        "map_vs_bare_forward": round(ms["map:predict_volume"] / ms["map:bare-forward"], 3),
+        "map_vs_bare_forward": round(ms["map:predict_volume"] / ms["map:bare-whole-volume"], 3),
+        "map_vs_bare_sliding": round(ms["map:predict_volume"] / ms["map:bare-forward"], 3),
+        "map_vs_network_forward": round(ms["map:predict_volume"] / ms["map:segnet-whole-volume"], 3),
         "environment": {**_environment(), "load_average_at_start": load_start, "load_average_at_end": _load(),
                         "torch_threads": threads},
         "config": {"patch": list(profile.patch), "batch": [bl, bu], "network": profile.network,
@@ -352,14 +383,18 @@ def render(result: dict) -> str:
         f"{'x'.join(map(str, cfg['patch']))}; methods train on phantom samples of {'x'.join(map(str, cfg['sample_shape']))}.",
         "",
         f"- **network_vs_bare** (default SegNet / bare MONAI UNet step): {result['network_vs_bare']:.2f}",
-        f"- **map_vs_bare_forward** (predict_volume T=8 / bare UNet sliding-window forward): "
+        f"- **map_vs_bare_forward** (predict_volume T=8 / bare UNet whole-volume forward): "
         f"{result['map_vs_bare_forward']:.2f}",
+        f"- **map_vs_bare_sliding** (predict_volume T=8 / bare UNet sliding-window forward, training patch): "
+        f"{result['map_vs_bare_sliding']:.2f}",
+        f"- **map_vs_network_forward** (predict_volume T=8 / default SegNet whole-volume forward): "
+        f"{result['map_vs_network_forward']:.2f}",
         "- **step_vs_floor**: " + ", ".join(f"{m} {v:.2f}" for m, v in result["step_vs_floor"].items()),
         "",
         "| row | group | ms | x bare | what it contains |",
         "|---|---|---:|---:|---|",
     ]
-    bare, bare_map = rows["bare-unet"]["ms"], rows["map:bare-forward"]["ms"]
+    bare, bare_map = rows["bare-unet"]["ms"], rows["map:bare-whole-volume"]["ms"]
     for name, r in rows.items():
         ref = bare_map if r["group"] == "map" else bare
         lines.append(f"| {name} | {r['group']} | {r['ms']:.1f} | {r['ms'] / ref:.2f} | {r['contains']} |")
@@ -393,8 +428,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
     result = run(profile, args.threads, methods, log=lambda s: print(s, flush=True))
-    bad = [k for k, v in [("network_vs_bare", result["network_vs_bare"]), ("map_vs_bare_forward",
-           result["map_vs_bare_forward"]), *result["step_vs_floor"].items()] if not (math.isfinite(v) and v > 0)]
+    ratios = [(k, result[k]) for k in ("network_vs_bare", "map_vs_bare_forward", "map_vs_bare_sliding",
+                                       "map_vs_network_forward")]
+    bad = [k for k, v in [*ratios, *result["step_vs_floor"].items()] if not (math.isfinite(v) and v > 0)]
     if bad:
         print(f"ratios not positive and finite: {bad}", file=sys.stderr)
         return 1

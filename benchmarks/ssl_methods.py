@@ -277,6 +277,29 @@ def method_options(profile: Profile, args) -> dict[str, dict]:
     return out
 
 
+def network_options(args) -> dict:
+    """--network KEY=VALUE items as a dict (NetworkConfig fields that differ from the profile's network)."""
+    from training.commands import parse_key_values
+
+    items = getattr(args, "network", None) or []
+    bad = [i for i in items if "=" not in i or not i.partition("=")[0]]
+    if bad:
+        raise ValueError(f"--network takes KEY=VALUE, got {bad[0]!r}")
+    return parse_key_values(items)
+
+
+def with_network_options(config: dict, options: dict) -> dict:
+    """The config with its network overridden by `options`, checked by NetworkConfig (an unknown field or a bad value
+    fails before any run starts)."""
+    if not options:
+        return config
+    try:
+        network = NetworkConfig(**{**config["network"], **options})
+    except TypeError as e:  # an unknown field
+        raise ValueError(f"--network: {e}") from None
+    return {**config, "network": network.to_dict()}
+
+
 def plan_tasks(profile: Profile, data: Path, work: Path, methods, seeds, labeled, config, args) -> list[dict]:
     lists = {}
     for key in ("train", "val", "test"):
@@ -309,7 +332,7 @@ def run_profile(profile: Profile, work: Path, methods: list[str], seeds: list[in
     args = args or argparse.Namespace()
     data = profile.make_data(work, args)
     labeled = list(getattr(args, "labeled", None) or profile.n_labeled)
-    config = scaled_config(profile, getattr(args, "iterations", None))
+    config = with_network_options(scaled_config(profile, getattr(args, "iterations", None)), network_options(args))
     tasks = plan_tasks(profile, data, work, methods, seeds, labeled, config, args)
     jobs = max(1, int(getattr(args, "jobs", 1) or 1))
     meta = {
@@ -319,6 +342,7 @@ def run_profile(profile: Profile, work: Path, methods: list[str], seeds: list[in
         "data": str(data),
         "config": TrainConfig(**config).to_dict(),
         "method_options": method_options(profile, args),
+        "network_options": network_options(args),
         "profile_iterations": profile.config["iterations"],
         "seeds": seeds,
         "n_labeled": labeled,
@@ -492,6 +516,9 @@ def markdown_table(result: dict) -> str:
     if result.get("method_options"):
         opts = "; ".join(f"{m}: " + ", ".join(f"{k} = {v}" for k, v in o.items()) for m, o in result["method_options"].items())
         lines += [f"Method options other than the defaults: {opts}.", ""]
+    if result.get("network_options"):
+        opts = ", ".join(f"{k} = {v}" for k, v in result["network_options"].items())
+        lines += [f"Network options other than the profile's: {opts}.", ""]
     has_last = any("test_last" in r for rows in result["summary"].values() for r in rows.values())
     for n, rows in result["summary"].items():
         lines += [f"## {n} labeled", ""]
@@ -566,7 +593,7 @@ def measure_profile(profile: Profile, work: Path, methods: list[str], iterations
     time (iterations × s/it summed over the runs one seed needs; validation and test evaluation not included)."""
     data = profile.make_data(work, args)
     labeled = list(getattr(args, "labeled", None) or profile.n_labeled)
-    config = scaled_config(profile, getattr(args, "iterations", None))
+    config = with_network_options(scaled_config(profile, getattr(args, "iterations", None)), network_options(args))
     if getattr(args, "device", None):
         config["device"] = args.device
     jobs = max(1, int(getattr(args, "jobs", 1) or 1))
@@ -652,6 +679,9 @@ def main(argv=None) -> int:
     ap.add_argument("--test-list", default=None, help="test cases")
     ap.add_argument("--method-option", action="append", default=[], metavar="METHOD:KEY=VALUE",
                     help="a method option on top of the profile's, e.g. brl:beta=0.3 (repeatable; printed in the table)")
+    ap.add_argument("--network", action="append", default=[], metavar="KEY=VALUE",
+                    help="a NetworkConfig field on top of the profile's network, e.g. features=8 (repeatable; printed "
+                    "in the table)")
     ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: the profile's, i.e. auto)")
     # Two single-threaded runs use two cores better than one run with two threads (no idle thread per step).
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (processes; default 2)")
@@ -680,6 +710,10 @@ def main(argv=None) -> int:
     bad = [m for m in unknown if m not in available_methods()]
     if bad:
         ap.error(f"unknown method(s) {bad}; available: full, {', '.join(available_methods())}")
+    try:
+        with_network_options(profile.config, network_options(args))
+    except ValueError as e:
+        ap.error(str(e))
     seeds = args.seeds or profile.seeds
     work, results = Path(args.work), Path(args.results)
     if args.measure:

@@ -26,6 +26,10 @@ class NetworkConfig:
     channels/strides: UNet levels. features: F, channels out of the trunk. num_classes: C (softmax, background incl.).
     dropout: probability; dropout_placement: one of head / trunk / both / none.
     levelset_head: add the tanh level-set head (UG-MCL).
+    top_res_unit: keep the residual unit MONAI's UNet runs after its last up-sampling, a 3×3×3 convolution F → F at
+        full resolution (default). False ends the trunk at the last up-sampling's convolution + norm + PReLU: the
+        one full-resolution 3×3×3 convolution dominates the step cost beyond the bare UNet, and the trunk's output
+        is then already activated, so SegNet adds no feature activation of its own. UNet with residual units only.
     """
 
     arch: str = "unet"
@@ -39,6 +43,7 @@ class NetworkConfig:
     dropout: float = 0.5
     dropout_placement: str = "head"
     levelset_head: bool = False
+    top_res_unit: bool = True
 
     def __post_init__(self) -> None:
         if self.arch not in ("unet", "vnet"):
@@ -49,6 +54,11 @@ class NetworkConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.num_classes < 2:
             raise ValueError("num_classes counts the background too; it must be at least 2")
+        if not isinstance(self.top_res_unit, bool):
+            raise ValueError(f"top_res_unit must be a bool, got {self.top_res_unit!r}")
+        if not self.top_res_unit and (self.arch != "unet" or self.num_res_units < 1):
+            # Without residual units MONAI's top up-sampling is a bare convolution: there is no unit to drop.
+            raise ValueError("top_res_unit=False needs arch 'unet' with num_res_units >= 1")
         self.channels = tuple(self.channels)
         self.strides = tuple(self.strides)
         if self.arch == "unet" and len(self.strides) != len(self.channels) - 1:
@@ -91,6 +101,12 @@ class SegNet(nn.Module):
                 norm=config.norm,
                 dropout=trunk_dropout,
             )
+            if not config.top_res_unit:
+                # model = Sequential(down, SkipConnection(...), up); up = Sequential(transposed conv + ADN, unit).
+                up = self.trunk.model[2]
+                if not (isinstance(up, nn.Sequential) and len(up) == 2):
+                    raise RuntimeError("unexpected MONAI UNet layout: cannot find the top residual unit")
+                self.trunk.model[2] = up[0]
         else:
             from monai.networks.nets import VNet
 
@@ -103,7 +119,8 @@ class SegNet(nn.Module):
                 dropout_prob_up=(trunk_dropout or None, trunk_dropout),
             )
         # Features go through a non-linearity so the head is more than a linear read-out of the trunk's last conv.
-        self.feature_act = nn.PReLU(config.features)
+        # Without the top unit the trunk ends in norm + PReLU already.
+        self.feature_act = nn.PReLU(config.features) if config.top_res_unit else nn.Identity()
         self.head_dropout = nn.Dropout3d(head_dropout) if head_dropout > 0 else nn.Identity()
         self.seg_head = nn.Conv3d(config.features, config.num_classes, kernel_size=1)
         self.levelset = nn.Conv3d(config.features, config.num_classes - 1, kernel_size=1) if config.levelset_head else None

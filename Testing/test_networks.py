@@ -1,0 +1,114 @@
+"""NetworkConfig options: the top residual unit can be dropped (a cheaper network), defaults unchanged, head MC exact."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+import torch
+from monai.networks.blocks import Convolution, ResidualUnit
+from torch import nn
+
+from conftest import TINY_NET
+from SSLSegmentLib.ml.checkpoint import model_from_checkpoint
+from SSLSegmentLib.ml.inference import predict_volume
+from SSLSegmentLib.ml.networks import NetworkConfig, build_network
+from SSLSegmentLib.ml.uncertainty import HeadMCDropoutEstimator, MCDropoutEstimator
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _net(**overrides) -> nn.Module:
+    torch.manual_seed(0)
+    net = build_network(**{**TINY_NET, **overrides})
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so eval mode is not the identity normalisation
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm3d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    return net.eval()
+
+
+def test_the_default_keeps_the_top_residual_unit():
+    cfg = NetworkConfig()
+    assert cfg.top_res_unit is True and cfg.to_dict()["top_res_unit"] is True
+    net = build_network(cfg)
+    top = net.trunk.model[2]
+    assert isinstance(top, nn.Sequential) and isinstance(top[1], ResidualUnit)
+    assert isinstance(net.feature_act, nn.PReLU)
+
+
+def test_without_the_top_unit_the_trunk_ends_in_the_activated_up_sampling():
+    with_unit, without = build_network(**TINY_NET), build_network(**TINY_NET, top_res_unit=False)
+    top = without.trunk.model[2]
+    assert isinstance(top, Convolution) and top.is_transposed
+    assert isinstance(top.adn.A, nn.PReLU) and isinstance(top.adn.N, nn.BatchNorm3d)  # already activated ...
+    assert isinstance(without.feature_act, nn.Identity)  # ... so no second activation
+    n_with = sum(p.numel() for p in with_unit.parameters())
+    n_without = sum(p.numel() for p in without.parameters())
+    assert n_without < n_with
+    x = torch.randn(2, 1, 8, 16, 16)
+    out = without(x)
+    assert out["logits"].shape == (2, 2, 8, 16, 16) and out["features"].shape == (2, TINY_NET["features"], 8, 16, 16)
+    out["logits"].sum().backward()
+    assert all(p.grad is not None for p in without.parameters())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"top_res_unit": False, "arch": "vnet"}, "top_res_unit=False needs"),
+    ({"top_res_unit": False, "num_res_units": 0}, "top_res_unit=False needs"),
+    ({"top_res_unit": "no"}, "must be a bool"),
+])
+def test_bad_top_res_unit_settings_get_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        NetworkConfig(**{**TINY_NET, **kwargs})
+
+
+def test_a_checkpoint_without_the_field_builds_the_default_network(tmp_path):
+    net = build_network(**TINY_NET)
+    old = {k: v for k, v in net.config.to_dict().items() if k != "top_res_unit"}  # written before the option existed
+    rebuilt, _ = model_from_checkpoint({"network": old, "model": net.state_dict()})
+    assert rebuilt.config.top_res_unit is True
+    light = build_network(**TINY_NET, top_res_unit=False)
+    again, _ = model_from_checkpoint({"network": light.config.to_dict(), "model": light.state_dict()})
+    assert again.config.top_res_unit is False
+
+
+@pytest.mark.parametrize("features", [2, TINY_NET["features"]])
+@torch.inference_mode()
+def test_head_mc_stays_exact_without_the_top_unit(features):
+    net = _net(top_res_unit=False, features=features)
+    x = torch.from_numpy(np.random.default_rng(1).standard_normal((2, 1, 8, 16, 16)).astype(np.float32))
+    full, head = MCDropoutEstimator(net, passes=4, seed=11, pass_batch=1), HeadMCDropoutEstimator(net, passes=4, seed=11)
+    with full.activate():
+        ref = full.samples(x)
+    with head.activate():
+        got = head.samples(x)
+    assert (ref[0] - ref[1]).abs().max() > 1e-3 or (ref[0] - ref[2]).abs().max() > 1e-3  # really stochastic
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+    image = np.random.default_rng(2).standard_normal((16, 24, 40)).astype(np.float32)
+    a = predict_volume(net, image, (8, 16, 16), passes=4, device="cpu", estimator="head_mc", seed=2)
+    b = predict_volume(net, image, (8, 16, 16), passes=4, device="cpu", estimator="mc_dropout", seed=2, pass_batch=1)
+    assert a.estimator == "head_mc"
+    np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-5)
+    np.testing.assert_allclose(a.mutual_information, b.mutual_information, atol=1e-5)
+
+
+def test_the_benchmark_network_option_is_checked_and_applied():
+    from benchmarks.ssl_methods import PROFILES, network_options, with_network_options
+
+    config = PROFILES["la-quick"].config
+    args = argparse.Namespace(network=["features=8", "top_res_unit=false"])
+    opts = network_options(args)
+    assert opts == {"features": 8, "top_res_unit": False}
+    out = with_network_options(config, opts)
+    assert out["network"] == {**config["network"], "features": 8, "top_res_unit": False}
+    assert config["network"]["features"] == 16 and config["network"]["top_res_unit"] is True  # the profile untouched
+    assert with_network_options(config, {}) is config
+    with pytest.raises(ValueError, match="--network"):
+        with_network_options(config, {"no_such_field": 1})
+    with pytest.raises(ValueError, match="must be a bool"):
+        with_network_options(config, {"top_res_unit": "maybe"})
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        network_options(argparse.Namespace(network=["features"]))
