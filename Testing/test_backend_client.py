@@ -155,7 +155,7 @@ def test_jobs_queue_and_cancel_without_a_worker(client):
 
 def test_models_weights_and_promotion(served, client, tmp_path, tiny_net_config):
     from SSLSegmentLib.ml.networks import build_network
-    from SSLSegmentLib.ml.trainer import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
+    from SSLSegmentLib.ml.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
     from training.registry import ModelRegistry
 
     store, _ = served

@@ -291,7 +291,7 @@ def test_retrain_trigger_counts_new_corrections(store):
 
 def _checkpoint(tmp_path, tiny_net_config):
     from SSLSegmentLib.ml.networks import build_network
-    from SSLSegmentLib.ml.trainer import CHECKPOINT_FORMAT, save_checkpoint
+    from SSLSegmentLib.ml.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
 
     net = build_network(tiny_net_config)
     ckpt = {"format": CHECKPOINT_FORMAT, "model": net.state_dict(), "network": tiny_net_config.to_dict(),

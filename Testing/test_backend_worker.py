@@ -141,7 +141,7 @@ def test_the_parameter_schema_gives_request_checks_and_config(trained):
     assert defaults["init"] == "current" and defaults["tolerance"] == store.settings["tolerance"]
     assert defaults["nproc"] == 3 and defaults["iterations"] == TRAIN["iterations"]
     # Fine-tuning keeps the parent's network and patch size (the checkpoint's one accessor).
-    from SSLSegmentLib.ml.trainer import load_checkpoint
+    from SSLSegmentLib.ml.checkpoint import load_checkpoint
 
     parent = load_checkpoint(ModelRegistry(store).model_path("v0001"))
     tuned = build_train_config({**defaults, "patch_size": None, "network": {"channels": [4, 8, 16]}}, parent)

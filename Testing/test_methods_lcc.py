@@ -8,7 +8,7 @@ import torch
 from conftest import TINY_NET, assert_learned, train_tiny
 from SSLSegmentLib.ml.methods import get_method
 from SSLSegmentLib.ml.methods.lcc import LowConfidenceConsistency
-from SSLSegmentLib.ml.trainer import load_checkpoint
+from SSLSegmentLib.ml.checkpoint import load_checkpoint
 
 
 def _v(values, dtype=torch.float32) -> torch.Tensor:

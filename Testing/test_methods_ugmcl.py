@@ -9,7 +9,7 @@ import torch
 from conftest import assert_learned, train_tiny
 from SSLSegmentLib.ml.methods import get_method
 from SSLSegmentLib.ml.methods.ug_mcl import UGMCL, signed_distance_map
-from SSLSegmentLib.ml.trainer import load_checkpoint
+from SSLSegmentLib.ml.checkpoint import load_checkpoint
 
 
 def _fg(p: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from SSLSegmentLib.data.dataset import DataSet
 from SSLSegmentLib.data.imageio import read_label
 from SSLSegmentLib.data.regions import visited_mask
 from benchmarks.simulated_clinician import DataSetTruth, SimulatedClinician, plan_review
-from SSLSegmentLib.ml.trainer import model_from_checkpoint
+from SSLSegmentLib.ml.checkpoint import model_from_checkpoint
 from conftest import TINY_NET, TINY_PATCH
 
 pytestmark = pytest.mark.slow

@@ -9,16 +9,8 @@ import torch
 
 from conftest import TINY_NET, TINY_PATCH, assert_learned
 from SSLSegmentLib.data.dataset import DataSet, Sample
-from SSLSegmentLib.ml.checkpoint import checkpoint_patch_size
-from SSLSegmentLib.ml.trainer import (
-    PatchSampler,
-    TrainConfig,
-    Trainer,
-    TrainingCancelled,
-    TrainingError,
-    load_checkpoint,
-    model_from_checkpoint,
-)
+from SSLSegmentLib.ml.checkpoint import checkpoint_patch_size, load_checkpoint, model_from_checkpoint
+from SSLSegmentLib.ml.trainer import PatchSampler, TrainConfig, Trainer, TrainingCancelled, TrainingError
 
 
 def _config(**kw):

@@ -170,7 +170,7 @@ def train_versions(work: Path, iterations: int, more: int, threads: int, log) ->
                           data_snapshot={"train": train_ids, "labeled": train_ids[:n_labeled]})
         fit = trainer.fit()
         init = out / "best.pt"
-        from SSLSegmentLib.ml.trainer import load_checkpoint
+        from SSLSegmentLib.ml.checkpoint import load_checkpoint
 
         state = load_checkpoint(init)["model"]
         path = models_dir / f"v{version}.pt"

@@ -177,7 +177,8 @@ def build_train_config(params: dict, init_ckpt: dict | None):
     """The TrainConfig of a job from resolved params: the parent's network (and patch size, unless given) when
     fine-tuning, else the requested network or NetworkConfig's default."""
     from SSLSegmentLib.ml.networks import NetworkConfig
-    from SSLSegmentLib.ml.trainer import TrainConfig, checkpoint_patch_size
+    from SSLSegmentLib.ml.checkpoint import checkpoint_patch_size
+    from SSLSegmentLib.ml.trainer import TrainConfig
 
     cfg = {p.name: params[p.name] for p in PARAMS if p.config and params.get(p.name) is not None}
     if init_ckpt is not None:

@@ -89,7 +89,7 @@ class ModelRegistry:
     def add_version(self, checkpoint_file: str | Path, meta: dict, job_id: str | None = None) -> dict:
         """Publish a checkpoint as a new immutable version: copy into a staging folder, fsync, rename the folder to the
         next free vNNNN, then index it. `meta`: parent, method, metrics, trained_on, decision (not yet promoted)."""
-        from SSLSegmentLib.ml.trainer import load_checkpoint
+        from SSLSegmentLib.ml.checkpoint import load_checkpoint
 
         checkpoint_file = Path(checkpoint_file)
         ckpt = load_checkpoint(checkpoint_file)  # refuses anything that is not a readable SSLSegment checkpoint

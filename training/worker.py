@@ -211,7 +211,7 @@ class Worker:
         return self.store.job(job_id)
 
     def _train(self, job: dict, scratch: Path, cancel: threading.Event) -> dict:
-        from SSLSegmentLib.ml.trainer import checkpoint_patch_size, load_checkpoint, model_from_checkpoint
+        from SSLSegmentLib.ml.checkpoint import checkpoint_patch_size, load_checkpoint, model_from_checkpoint
 
         store, registry, job_id = self.store, self.registry, job["job_id"]
         params = resolve_train_params(store, job["params"], self.nproc)

@@ -20,23 +20,14 @@ import numpy as np
 import torch
 
 from SSLSegmentLib.data.dataset import Sample
-from SSLSegmentLib.ml.checkpoint import (
-    CHECKPOINT_FORMAT,
-    checkpoint_patch_size,
-    load_checkpoint,
-    model_from_checkpoint,
-    save_checkpoint,
-)
+from SSLSegmentLib.ml.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 from SSLSegmentLib.ml.inference import pick_device, predict_volume
 from SSLSegmentLib.ml.methods import StepContext, get_method
 from SSLSegmentLib.ml.methods.losses import sigmoid_rampup
 from SSLSegmentLib.ml.metrics import dice
 from SSLSegmentLib.ml.networks import NetworkConfig, SegNet, build_network
 
-# The checkpoint functions live in SSLSegmentLib.ml.checkpoint (the file format's one owner, importable without the
-# trainer); they stay importable from here for the callers that train and load in one place.
 __all__ = [
-    "CHECKPOINT_FORMAT",
     "PatchSampler",
     "Progress",
     "TrainConfig",
@@ -44,10 +35,6 @@ __all__ = [
     "TrainingCancelled",
     "TrainingError",
     "TwoStreamSampler",
-    "checkpoint_patch_size",
-    "load_checkpoint",
-    "model_from_checkpoint",
-    "save_checkpoint",
     "seed_everything",
 ]
 

@@ -402,5 +402,5 @@ class SSLSegmentClient:
         return self._json("POST", f"/models/{self._quote(version)}/promote")
 
     def download_weights(self, version: str, dest_path: str | os.PathLike) -> Path:
-        """The version's checkpoint (load with SSLSegmentLib.ml.trainer.load_checkpoint, weights_only)."""
+        """The version's checkpoint (load with SSLSegmentLib.ml.checkpoint.load_checkpoint, weights_only)."""
         return self._download(f"/models/{self._quote(version)}/weights", dest_path)
