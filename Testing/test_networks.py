@@ -1,4 +1,5 @@
-"""NetworkConfig options: the top residual unit can be dropped (a cheaper network), defaults unchanged, head MC exact."""
+"""NetworkConfig options: the default network ends without MONAI's top residual unit (the cheaper trunk), the unit
+stays available, checkpoints written with it still load, head MC stays exact."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from monai.networks.blocks import Convolution, ResidualUnit
 from torch import nn
 
 from conftest import TINY_NET
-from SSLSegmentLib.ml.checkpoint import model_from_checkpoint
+from SSLSegmentLib.ml.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, model_from_checkpoint, save_checkpoint
 from SSLSegmentLib.ml.inference import predict_volume
 from SSLSegmentLib.ml.networks import NetworkConfig, build_network
 from SSLSegmentLib.ml.uncertainty import HeadMCDropoutEstimator, MCDropoutEstimator
@@ -30,17 +31,20 @@ def _net(**overrides) -> nn.Module:
     return net.eval()
 
 
-def test_the_default_keeps_the_top_residual_unit():
+def test_the_default_drops_the_top_residual_unit():
     cfg = NetworkConfig()
-    assert cfg.top_res_unit is True and cfg.to_dict()["top_res_unit"] is True
+    assert cfg.top_res_unit is False and cfg.to_dict()["top_res_unit"] is False and cfg.drops_top_unit
     net = build_network(cfg)
     top = net.trunk.model[2]
+    assert isinstance(top, Convolution) and top.is_transposed
+    assert isinstance(net.feature_act, nn.Identity)
+
+
+def test_with_the_top_unit_the_trunk_ends_in_a_residual_unit_and_an_activation():
+    with_unit, without = build_network(**TINY_NET, top_res_unit=True), build_network(**TINY_NET)
+    top = with_unit.trunk.model[2]
     assert isinstance(top, nn.Sequential) and isinstance(top[1], ResidualUnit)
-    assert isinstance(net.feature_act, nn.PReLU)
-
-
-def test_without_the_top_unit_the_trunk_ends_in_the_activated_up_sampling():
-    with_unit, without = build_network(**TINY_NET), build_network(**TINY_NET, top_res_unit=False)
+    assert isinstance(with_unit.feature_act, nn.PReLU)
     top = without.trunk.model[2]
     assert isinstance(top, Convolution) and top.is_transposed
     assert isinstance(top.adn.A, nn.PReLU) and isinstance(top.adn.N, nn.BatchNorm3d)  # already activated ...
@@ -55,22 +59,31 @@ def test_without_the_top_unit_the_trunk_ends_in_the_activated_up_sampling():
     assert all(p.grad is not None for p in without.parameters())
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"top_res_unit": False, "arch": "vnet"}, "top_res_unit=False needs"),
-    ({"top_res_unit": False, "num_res_units": 0}, "top_res_unit=False needs"),
-    ({"top_res_unit": "no"}, "must be a bool"),
-])
-def test_bad_top_res_unit_settings_get_clear_errors(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        NetworkConfig(**{**TINY_NET, **kwargs})
+@pytest.mark.parametrize("kwargs", [{"num_res_units": 0}, {"arch": "vnet"}])
+def test_networks_without_a_top_unit_keep_their_feature_activation(kwargs):
+    # Nothing to drop: MONAI's top up-sampling is a bare convolution without residual units, and VNet has no unit.
+    cfg = NetworkConfig(**{**TINY_NET, **kwargs})
+    assert not cfg.drops_top_unit
+    net = build_network(cfg).eval()
+    assert isinstance(net.feature_act, nn.PReLU)
+    size = 16 if cfg.arch == "vnet" else 8
+    out = net(torch.randn(1, 1, size, 16, 16))
+    assert out["logits"].shape == (1, 2, size, 16, 16)
 
 
-def test_a_checkpoint_without_the_field_builds_the_default_network(tmp_path):
-    net = build_network(**TINY_NET)
+def test_a_bad_top_res_unit_setting_gets_a_clear_error():
+    with pytest.raises(ValueError, match="must be a bool"):
+        NetworkConfig(**{**TINY_NET, "top_res_unit": "no"})
+
+
+def test_a_checkpoint_without_the_field_builds_the_network_it_was_trained_with(tmp_path):
+    net = build_network(**TINY_NET, top_res_unit=True)  # the network every checkpoint had before the option
     old = {k: v for k, v in net.config.to_dict().items() if k != "top_res_unit"}  # written before the option existed
     rebuilt, _ = model_from_checkpoint({"network": old, "model": net.state_dict()})
     assert rebuilt.config.top_res_unit is True
-    light = build_network(**TINY_NET, top_res_unit=False)
+    path = save_checkpoint({"format": CHECKPOINT_FORMAT, "network": old, "model": net.state_dict()}, tmp_path / "old.pt")
+    assert load_checkpoint(path)["network"]["top_res_unit"] is True  # fine-tuning reads the same network
+    light = build_network(**TINY_NET)
     again, _ = model_from_checkpoint({"network": light.config.to_dict(), "model": light.state_dict()})
     assert again.config.top_res_unit is False
 
@@ -99,12 +112,12 @@ def test_the_benchmark_network_option_is_checked_and_applied():
     from benchmarks.ssl_methods import PROFILES, network_options, with_network_options
 
     config = PROFILES["la-quick"].config
-    args = argparse.Namespace(network=["features=8", "top_res_unit=false"])
+    args = argparse.Namespace(network=["features=8", "top_res_unit=true"])
     opts = network_options(args)
-    assert opts == {"features": 8, "top_res_unit": False}
+    assert opts == {"features": 8, "top_res_unit": True}
     out = with_network_options(config, opts)
-    assert out["network"] == {**config["network"], "features": 8, "top_res_unit": False}
-    assert config["network"]["features"] == 16 and config["network"]["top_res_unit"] is True  # the profile untouched
+    assert out["network"] == {**config["network"], "features": 8, "top_res_unit": True}
+    assert config["network"]["features"] == 16 and config["network"]["top_res_unit"] is False  # the profile untouched
     assert with_network_options(config, {}) is config
     with pytest.raises(ValueError, match="--network"):
         with_network_options(config, {"no_such_field": 1})

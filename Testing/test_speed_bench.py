@@ -22,9 +22,10 @@ def test_quick_run_writes_the_ratios_and_a_row_per_variant(tmp_path, one_torch_t
                  "map:bare-whole-volume", "map:segnet-whole-volume", *(f"step:{m}" for m in methods),
                  *(f"floor:{m}" for m in methods)):
         assert rows[name]["ms"] > 0 and len(rows[name]["ms_rounds"]) >= 1
-    # The candidates for the default network, among them the ones without the full-resolution top residual unit.
-    assert {"segnet-f2", "segnet-f8", "segnet-f4-notop", "segnet-f8-notop"} <= {n for n, r in rows.items()
-                                                                               if r["group"] == "candidate"}
+    # The candidates beside the default network: the former default with the top residual unit, fewer features, and
+    # the CPU formats (channels_last_3d, bf16 autocast).
+    assert {"segnet-top", "segnet-f8", "segnet-channels-last", "segnet-bf16"} <= {n for n, r in rows.items()
+                                                                                 if r["group"] == "candidate"}
     env = result["environment"]
     assert {"date", "torch", "monai", "processor", "load_average_at_start", "load_average_at_end"} <= set(env)
     md = (tmp_path / "training-speed.md").read_text()

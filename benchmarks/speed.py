@@ -120,16 +120,22 @@ def _logits(out):
     return out["logits"] if isinstance(out, dict) else out
 
 
-def _network_step(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
-    """Forward + cross-entropy + backward + SGD step of `net` on fixed (B, 1, ...) tensors."""
+def _network_step(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, channels_last: bool = False,
+                  bf16: bool = False) -> Callable[[], None]:
+    """Forward + cross-entropy + backward + SGD step of `net` on fixed (B, 1, ...) tensors; optionally in
+    channels_last_3d memory format and/or under bf16 autocast (the CPU-speed candidates)."""
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last_3d)
+        x = x.contiguous(memory_format=torch.channels_last_3d)
     opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
     net.train()
 
     def step():
-        out = net(x)
-        loss = F.cross_entropy(_logits(out), y[:, 0])
-        if isinstance(out, dict) and "levelset" in out:
-            loss = loss + out["levelset"].mean()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = net(x)
+            loss = F.cross_entropy(_logits(out).float(), y[:, 0])
+            if isinstance(out, dict) and "levelset" in out:
+                loss = loss + out["levelset"].float().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -264,24 +270,23 @@ def run(profile: Profile, threads: int = 1, methods: list[str] | None = None, lo
     add("bare-unet", "network", _network_step(_bare_unet(profile.network), x, y),
         f"MONAI UNet channels {list(net_cfg.channels)}, strides {list(net_cfg.strides)}, {net_cfg.num_res_units} res "
         f"unit, 2 classes: fwd + CE + bwd + SGD on {b}")
+    top = "without" if net_cfg.drops_top_unit else "with"
     add("segnet", "network", _network_step(build_network(net_cfg), x, y),
-        f"default SegNet (features {net_cfg.features}, PReLU, head dropout, 1x1 head): fwd + CE + bwd + SGD on {b}")
-    for f in (2, 4, 8):
+        f"default SegNet (features {net_cfg.features}, {top} the top residual unit, head dropout, 1x1 head): "
+        f"fwd + CE + bwd + SGD on {b}")
+    if net_cfg.arch == "unet" and net_cfg.num_res_units > 0:
+        other = not net_cfg.top_res_unit
+        add("segnet-top" if other else "segnet-notop", "candidate",
+            _network_step(build_network(net_cfg, top_res_unit=other), x, y),
+            f"SegNet features {net_cfg.features}, top_res_unit={other}")
+    for f in (4, 8):
         if f != net_cfg.features:
             add(f"segnet-f{f}", "candidate", _network_step(build_network(net_cfg, features=f), x, y),
-                f"SegNet with features {f}")
-    noact = build_network(net_cfg)
-    noact.feature_act = torch.nn.Identity()
-    add("segnet-noact", "candidate", _network_step(noact, x, y), f"SegNet features {net_cfg.features}, no feature activation")
-    relu = build_network(net_cfg)
-    relu.feature_act = torch.nn.ReLU(inplace=True)
-    add("segnet-relu-inplace", "candidate", _network_step(relu, x, y),
-        f"SegNet features {net_cfg.features}, in-place ReLU instead of PReLU")
-    if net_cfg.arch == "unet" and net_cfg.num_res_units > 0:
-        for f in sorted({net_cfg.features, 8, 4}):
-            add(f"segnet-f{f}-notop", "candidate", _network_step(build_network(net_cfg, features=f, top_res_unit=False),
-                                                                  x, y),
-                f"SegNet features {f} without the full-resolution top residual unit (top_res_unit=False)")
+                f"the default SegNet with features {f}")
+    add("segnet-channels-last", "candidate", _network_step(build_network(net_cfg), x, y, channels_last=True),
+        "the default SegNet, weights and input in channels_last_3d")
+    add("segnet-bf16", "candidate", _network_step(build_network(net_cfg), x, y, bf16=True),
+        "the default SegNet, forward and loss under CPU bf16 autocast")
 
     samples = _phantom_samples(profile)
     names = methods or list(available_methods())

@@ -40,6 +40,16 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> dict:
         raise ValueError(f"{path}: not a readable SSLSegment checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not an SSLSegment checkpoint (format {ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt)})")
+    return _with_legacy_network(ckpt)
+
+
+def _with_legacy_network(ckpt: dict) -> dict:
+    """Network fields added after a checkpoint was written get the value the network then had: `top_res_unit` was
+    always on before the option existed, and its weights are in the state dict. Every reader goes through here
+    (load_checkpoint, model_from_checkpoint), so fine-tuning and inference rebuild the trained network."""
+    net = ckpt.get("network")
+    if isinstance(net, dict) and "top_res_unit" not in net:
+        ckpt["network"] = {**net, "top_res_unit": True}
     return ckpt
 
 
@@ -59,7 +69,7 @@ def checkpoint_patch_size(ckpt: dict) -> tuple[int, int, int]:
 
 def model_from_checkpoint(path_or_ckpt, device: str | torch.device = "cpu") -> tuple[SegNet, dict]:
     """The exported network of a checkpoint (a path, or a dict already loaded), in eval mode on `device`."""
-    ckpt = load_checkpoint(path_or_ckpt) if not isinstance(path_or_ckpt, dict) else path_or_ckpt
+    ckpt = load_checkpoint(path_or_ckpt) if not isinstance(path_or_ckpt, dict) else _with_legacy_network(path_or_ckpt)
     net = build_network(NetworkConfig(**ckpt["network"]))
     net.load_state_dict(ckpt["model"])
     net.to(device).eval()

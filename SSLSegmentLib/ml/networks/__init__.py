@@ -27,9 +27,11 @@ class NetworkConfig:
     dropout: probability; dropout_placement: one of head / trunk / both / none.
     levelset_head: add the tanh level-set head (UG-MCL).
     top_res_unit: keep the residual unit MONAI's UNet runs after its last up-sampling, a 3×3×3 convolution F → F at
-        full resolution (default). False ends the trunk at the last up-sampling's convolution + norm + PReLU: the
-        one full-resolution 3×3×3 convolution dominates the step cost beyond the bare UNet, and the trunk's output
-        is then already activated, so SegNet adds no feature activation of its own. UNet with residual units only.
+        full resolution. False (default) ends the trunk at the last up-sampling's convolution + norm + PReLU: that
+        one full-resolution convolution dominated the step cost beyond the bare UNet, and the trunk's output is
+        then already activated, so SegNet adds no feature activation of its own. Only a UNet with residual units
+        has the unit (`drops_top_unit`); VNet and a UNet without residual units ignore the setting. Checkpoints
+        written before the option existed carry no field and load with the unit (ml/checkpoint.py).
     """
 
     arch: str = "unet"
@@ -43,7 +45,7 @@ class NetworkConfig:
     dropout: float = 0.5
     dropout_placement: str = "head"
     levelset_head: bool = False
-    top_res_unit: bool = True
+    top_res_unit: bool = False
 
     def __post_init__(self) -> None:
         if self.arch not in ("unet", "vnet"):
@@ -56,9 +58,6 @@ class NetworkConfig:
             raise ValueError("num_classes counts the background too; it must be at least 2")
         if not isinstance(self.top_res_unit, bool):
             raise ValueError(f"top_res_unit must be a bool, got {self.top_res_unit!r}")
-        if not self.top_res_unit and (self.arch != "unet" or self.num_res_units < 1):
-            # Without residual units MONAI's top up-sampling is a bare convolution: there is no unit to drop.
-            raise ValueError("top_res_unit=False needs arch 'unet' with num_res_units >= 1")
         self.channels = tuple(self.channels)
         self.strides = tuple(self.strides)
         if self.arch == "unet" and len(self.strides) != len(self.channels) - 1:
@@ -68,6 +67,12 @@ class NetworkConfig:
         d = asdict(self)
         d["channels"], d["strides"] = list(self.channels), list(self.strides)
         return d
+
+    @property
+    def drops_top_unit(self) -> bool:
+        """Whether the trunk ends without MONAI's top residual unit. Without residual units MONAI's top up-sampling
+        is a bare convolution and VNet has no such unit: nothing to drop."""
+        return not self.top_res_unit and self.arch == "unet" and self.num_res_units >= 1
 
     @property
     def size_multiple(self) -> int:
@@ -101,7 +106,7 @@ class SegNet(nn.Module):
                 norm=config.norm,
                 dropout=trunk_dropout,
             )
-            if not config.top_res_unit:
+            if config.drops_top_unit:
                 # model = Sequential(down, SkipConnection(...), up); up = Sequential(transposed conv + ADN, unit).
                 up = self.trunk.model[2]
                 if not (isinstance(up, nn.Sequential) and len(up) == 2):
@@ -120,7 +125,7 @@ class SegNet(nn.Module):
             )
         # Features go through a non-linearity so the head is more than a linear read-out of the trunk's last conv.
         # Without the top unit the trunk ends in norm + PReLU already.
-        self.feature_act = nn.PReLU(config.features) if config.top_res_unit else nn.Identity()
+        self.feature_act = nn.Identity() if config.drops_top_unit else nn.PReLU(config.features)
         self.head_dropout = nn.Dropout3d(head_dropout) if head_dropout > 0 else nn.Identity()
         self.seg_head = nn.Conv3d(config.features, config.num_classes, kernel_size=1)
         self.levelset = nn.Conv3d(config.features, config.num_classes - 1, kernel_size=1) if config.levelset_head else None
