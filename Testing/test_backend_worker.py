@@ -109,10 +109,11 @@ def test_cancel_stops_a_running_job(trained):
 
 # One valid value of every parameter of the schema (a test fails when a parameter is added without one here).
 EVERY_PARAM = {
-    "method": "mean-teacher", "iterations": 12, "lr": 0.02, "batch_labeled": 1, "batch_unlabeled": 3, "seed": 7,
+    "method": "mean-teacher", "iterations": 12, "lr": 0.02, "batch_labeled": 2, "batch_unlabeled": 3, "seed": 7,
     "val_interval": 6, "patch_size": [16, 32, 32], "tolerance": 0.1, "init": "scratch", "network": TINY_NET,
     "method_options": {"consistency": 0.5}, "nproc": 2, "device": "cpu", "momentum": 0.8, "weight_decay": 0.0,
     "ema_decay": 0.95, "augment": False, "lr_schedule": "poly", "rampup_steps": 5, "eval_model": "teacher",
+    "pretrain_iterations": 2,
 }
 
 

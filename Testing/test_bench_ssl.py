@@ -145,3 +145,16 @@ def test_the_harness_finds_the_repository_it_lives_in():
 
     for root in (loop.REPO, ssl_methods.REPO, uncertainty.ROOT):
         assert (root / "benchmarks" / "results").is_dir() and (root / "SSLSegmentLib").is_dir(), root
+
+
+def test_a_row_variant_trains_its_method_with_the_profiles_options_and_its_own(tmp_path):
+    from benchmarks.ssl_methods import ROW_VARIANTS
+
+    p = PROFILES["la-quick"]
+    assert ROW_VARIANTS["brl-cp"] == ("brl", {"copy_paste": True})
+    tasks = plan_tasks(p, tmp_path, tmp_path, ["brl", "brl-cp", "bcp"], [0], [4], p.config, argparse.Namespace())
+    by_row = {t["method"]: t for t in tasks}
+    assert by_row["brl-cp"]["train_method"] == "brl" and by_row["bcp"]["train_method"] == "bcp"
+    assert by_row["brl-cp"]["method_options"] == {**p.method_options["brl"], "copy_paste": True}
+    assert by_row["brl"]["method_options"] == p.method_options["brl"]  # the plain row is untouched
+    assert by_row["brl-cp"]["out_dir"] != by_row["brl"]["out_dir"]

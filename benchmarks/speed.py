@@ -87,10 +87,15 @@ def _floor_spec(method, bl: int, bu: int) -> dict:
         return {"student": bl, "teacher": 0, "full": 0, "trunk": 0, "heads": 0}
     if name in ("mean-teacher", "lcc"):
         return {"student": b, "teacher": b, "full": 1, "trunk": 0, "heads": 0}
+    # Copy-paste trains the student on the 2·min(bl, bu) mixes of the labeled/unlabeled pairs (copy_paste.py).
+    mixed = 2 * min(bl, bu)
+    if name == "bcp":
+        return {"student": mixed, "teacher": b, "full": 1, "trunk": 0, "heads": 0}
     if name == "brl":  # teacher_probabilities(passes=self.passes): one forward, or head MC when passes > 1
+        student = mixed if method.copy_paste is not None else b
         if method.passes == 1:
-            return {"student": b, "teacher": b, "full": 1, "trunk": 0, "heads": 0}
-        return {"student": b, "teacher": b, "full": 0, "trunk": 1, "heads": method.passes}
+            return {"student": student, "teacher": b, "full": 1, "trunk": 0, "heads": 0}
+        return {"student": student, "teacher": b, "full": 0, "trunk": 1, "heads": method.passes}
     if name in ("ua-mt", "ug-mcl"):
         return {"student": b, "teacher": b, "full": 0, "trunk": 1, "heads": method.passes}
     if name == "sgrs":  # the student sees the batch and the mixed unlabeled patches; the teacher the unlabeled ones

@@ -41,6 +41,9 @@ from benchmarks.experiment import environment, run_experiment
 RESULTS = Path("benchmarks/results")
 METRICS = ("dice", "jaccard", "hd95_vox", "asd_vox")
 DEFAULT_METHODS = ["supervised", "full", "mean-teacher", "ua-mt", "ug-mcl", "sgrs", "lcc", "brl"]
+# Rows that train a registered method with options of their own on top of the profile's for that method:
+# row name -> (method, options). `--methods brl-cp bcp` adds them to a run.
+ROW_VARIANTS: dict[str, tuple[str, dict]] = {"brl-cp": ("brl", {"copy_paste": True})}
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -225,7 +228,7 @@ def _run_one(task: dict) -> dict:
         torch.backends.cudnn.benchmark = True  # fixed patch sizes: let cuDNN pick the fastest 3D convolutions
     method, n_labeled, seed = task["method"], task["n_labeled"], task["seed"]
     full = method == "full"
-    cfg = TrainConfig(method="supervised" if full else method, seed=seed,
+    cfg = TrainConfig(method="supervised" if full else task.get("train_method", method), seed=seed,
                       method_options=task.get("method_options", {}), **task["config"])
     out_dir = Path(task["out_dir"])
     t0 = time.time()
@@ -323,7 +326,10 @@ def plan_tasks(profile: Profile, data: Path, work: Path, methods, seeds, labeled
         for n in labeled:
             for m in methods:
                 if m != "full":
-                    tasks.append({**base, "method": m, "n_labeled": n, "seed": seed, "method_options": options.get(m, {}),
+                    trained, extra = ROW_VARIANTS.get(m, (m, {}))
+                    opts = {**options.get(trained, {}), **extra, **(options.get(m, {}) if m != trained else {})}
+                    tasks.append({**base, "method": m, "train_method": trained, "n_labeled": n, "seed": seed,
+                                  "method_options": opts,
                                   "out_dir": str(work / "runs" / profile.name / f"l{n}" / f"s{seed}" / m)})
     return tasks
 
@@ -520,6 +526,11 @@ def markdown_table(result: dict) -> str:
     if result.get("network_options"):
         opts = ", ".join(f"{k} = {v}" for k, v in result["network_options"].items())
         lines += [f"Network options other than the profile's: {opts}.", ""]
+    variants = [m for m in result.get("methods", []) if m in ROW_VARIANTS]
+    if variants:
+        opts = "; ".join(f"{m} = {ROW_VARIANTS[m][0]} with " + ", ".join(f"{k} = {v}" for k, v in ROW_VARIANTS[m][1].items())
+                         + f" (and {ROW_VARIANTS[m][0]}'s options)" for m in variants)
+        lines += [f"Rows that are variants of a method: {opts}.", ""]
     has_last = any("test_last" in r for rows in result["summary"].values() for r in rows.values())
     for n, rows in result["summary"].items():
         lines += [f"## {n} labeled", ""]

@@ -121,6 +121,7 @@ PARAMS: tuple[Param, ...] = (
     Param("augment", bool, "random flips and 90-degree turns of the patches", TRAINER),
     Param("lr_schedule", str, "constant, step or poly", TRAINER),
     Param("rampup_steps", int, "length of the unsupervised weight's ramp", TRAINER),
+    Param("pretrain_iterations", int, "first steps trained on labeled-only copy-paste mixes (BCP's stage)", TRAINER),
     Param("eval_model", str, "which weights are validated and exported: student or teacher", TRAINER),
 )
 PARAM_BY_NAME = {p.name: p for p in PARAMS}

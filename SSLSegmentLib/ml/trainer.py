@@ -23,6 +23,7 @@ from SSLSegmentLib.data.dataset import Sample
 from SSLSegmentLib.ml.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 from SSLSegmentLib.ml.inference import pick_device, predict_volume
 from SSLSegmentLib.ml.methods import StepContext, get_method
+from SSLSegmentLib.ml.methods.copy_paste import BidirectionalCopyPaste, labeled_copy_paste_loss
 from SSLSegmentLib.ml.methods.losses import sigmoid_rampup
 from SSLSegmentLib.ml.metrics import dice
 from SSLSegmentLib.ml.networks import NetworkConfig, SegNet, build_network
@@ -55,6 +56,9 @@ class TrainConfig:
     rampup_steps: length of the sigmoid ramp of λ(t) (None: 40% of the iterations).
     lr_schedule: "constant", "step" (×0.1 every lr_step iterations) or "poly" ((1−t/T)^0.9).
     eval_model: which weights are validated and exported ("student" as in the LA papers, or "teacher").
+    pretrain_iterations: the first steps of the run train on labeled-only copy-paste mixes with the supervised loss
+        (BCP's pre-training stage; methods/copy_paste.py), whatever the method; needs batch_labeled >= 2. The EMA
+        teacher follows the student through them, so the method's stage starts from a teacher of the pre-trained model.
     """
 
     method: str = "brl"
@@ -77,6 +81,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     augment: bool = True
+    pretrain_iterations: int = 0
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(int(p) for p in self.patch_size)
@@ -88,6 +93,10 @@ class TrainConfig:
             raise ValueError(f"eval_model must be student or teacher; got {self.eval_model!r}")
         if self.iterations < 1 or self.batch_labeled < 1 or self.batch_unlabeled < 0:
             raise ValueError("iterations and batch_labeled must be >= 1, batch_unlabeled >= 0")
+        if not 0 <= self.pretrain_iterations < self.iterations:
+            raise ValueError(f"pretrain_iterations must be in [0, iterations), got {self.pretrain_iterations}")
+        if self.pretrain_iterations and self.batch_labeled < 2:
+            raise ValueError("labeled-only copy-paste pre-training pairs labeled patches: batch_labeled must be >= 2")
         net = NetworkConfig(**self.network)
         bad = [p for p in self.patch_size if p % net.size_multiple]
         if len(self.patch_size) != 3 or bad:
@@ -259,6 +268,7 @@ class Trainer:
         bu = config.batch_unlabeled if self.method.uses_unlabeled else 0
         self.sampler = TwoStreamSampler(samples, config.batch_labeled, bu, config.seed * 104729 + self.rank)
         self.generator = torch.Generator().manual_seed(config.seed * 31 + self.rank)
+        self.copy_paste = BidirectionalCopyPaste()
         self.step = 0
         self.history: list[dict] = []
         self.best = {"dice": -1.0, "step": 0}
@@ -311,7 +321,10 @@ class Trainer:
             rampup=sigmoid_rampup(self.step, c.ramp_length),
             generator=self.generator,
         )
-        out = self.method.compute_loss(ctx)
+        if self.step < c.pretrain_iterations:
+            out = labeled_copy_paste_loss(ctx, self.copy_paste)
+        else:
+            out = self.method.compute_loss(ctx)
         if not torch.isfinite(out.loss):
             raise TrainingError(
                 f"loss became {float(out.loss.detach())} at step {self.step} (terms {out.terms}); "

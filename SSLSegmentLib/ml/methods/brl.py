@@ -8,6 +8,11 @@ Uncertainty U = normalised entropy of the EMA teacher's prediction, in [0, 1]. I
     L = L_sup(L) + β·½(CE + Dice)(M_h) + λ(t)·½(CE + Dice)(ŷ; M_c)
 with M_h = labeled_mask·[U > τ_h] and M_c = (1 − labeled_mask)·[U < τ_l]. A corrected case is both at once:
 its reviewed voxels take the URL branch, the rest the CRL branch.
+
+copy_paste=True trains on the bidirectional copy-paste mix of the batch (copy_paste.py) instead of the batch itself:
+the teacher's probabilities on the unmixed batch, the labels and labeled_mask are mixed with the same cuboids, so
+M_h and M_c are computed on the mixed batch (ground truth where a voxel came from a known voxel, the teacher's
+pseudo-label elsewhere), and a corrected case's reviewed voxels stay labeled through the mix.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from SSLSegmentLib.ml.methods.base import MethodOutput, SSLMethod, StepContext, register_method
+from SSLSegmentLib.ml.methods.copy_paste import BidirectionalCopyPaste
 from SSLSegmentLib.ml.methods.losses import class_index, masked_cross_entropy, masked_dice_loss, normalized_entropy, supervised_loss, teacher_probabilities
 
 
@@ -33,6 +39,8 @@ class BidirectionalRegionLoss(SSLMethod):
         high_threshold: float = 0.5,
         low_threshold: float = 0.5,
         passes: int = 1,
+        copy_paste: bool = False,
+        size_ratio: float = 2.0 / 3.0,
     ):
         super().__init__(consistency_weight)
         for name, v in (("high_threshold", high_threshold), ("low_threshold", low_threshold)):
@@ -42,6 +50,9 @@ class BidirectionalRegionLoss(SSLMethod):
             raise ValueError(f"beta must be >= 0, got {beta}")
         self.beta, self.high_threshold, self.low_threshold = float(beta), float(high_threshold), float(low_threshold)
         self.passes = int(passes)
+        if not isinstance(copy_paste, bool):
+            raise ValueError(f"copy_paste must be a bool, got {copy_paste!r}")
+        self.copy_paste = BidirectionalCopyPaste(size_ratio) if copy_paste else None
 
     def options(self) -> dict:
         return {
@@ -50,6 +61,8 @@ class BidirectionalRegionLoss(SSLMethod):
             "high_threshold": self.high_threshold,
             "low_threshold": self.low_threshold,
             "passes": self.passes,
+            "copy_paste": self.copy_paste is not None,
+            **({"size_ratio": self.copy_paste.size_ratio} if self.copy_paste is not None else {}),
         }
 
     def region_masks(self, uncertainty: torch.Tensor, labeled_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,6 +96,10 @@ class BidirectionalRegionLoss(SSLMethod):
         )
 
     def compute_loss(self, ctx: StepContext) -> MethodOutput:
-        logits = ctx.student(ctx.image)["logits"]
-        q = teacher_probabilities(ctx.teacher, ctx.image, passes=self.passes, noise=True, generator=ctx.generator)
-        return self.loss_from_predictions(logits, q, ctx.label, ctx.labeled_mask, self.weight(ctx))
+        image, label, known = ctx.image, ctx.label, ctx.labeled_mask
+        q = teacher_probabilities(ctx.teacher, image, passes=self.passes, noise=True, generator=ctx.generator)
+        if self.copy_paste is not None:
+            mix = self.copy_paste.draw(len(image), int(ctx.batch["n_labeled"]), ctx.generator, tuple(image.shape[2:]))
+            image, label, known, q = mix.apply(image), mix.apply(label), mix.apply(known), mix.apply(q)
+        logits = ctx.student(image)["logits"]
+        return self.loss_from_predictions(logits, q, label, known, self.weight(ctx))

@@ -88,6 +88,25 @@ def class_index(probs: torch.Tensor) -> torch.Tensor:
     return probs.max(1, keepdim=True).indices
 
 
+def keep_largest_component(label: torch.Tensor) -> torch.Tensor:
+    """Per sample, each foreground class cut to its largest 26-connected component: (B, 1, ...) long → the same,
+    background where cut. SciPy's labelling (MONAI's KeepLargestConnectedComponent needs scikit-image on the CPU)."""
+    import numpy as np
+    from scipy import ndimage
+
+    out = label.detach().cpu().numpy().copy()
+    structure = np.ones((3,) * (label.dim() - 2), dtype=bool)
+    for sample in out[:, 0]:
+        for c in np.unique(sample):
+            if c == 0:
+                continue
+            parts, n = ndimage.label(sample == c, structure=structure)
+            if n > 1:
+                sizes = np.bincount(parts.ravel())[1:]
+                sample[(parts > 0) & (parts != 1 + int(sizes.argmax()))] = 0
+    return torch.from_numpy(out).to(label.device)
+
+
 def unit_vectors(x: torch.Tensor, dim: int = 1, eps: float = 1e-12) -> torch.Tensor:
     """x / max(‖x‖, eps) along `dim`, as F.normalize, for tensors without gradients.
 
