@@ -158,3 +158,13 @@ def test_a_row_variant_trains_its_method_with_the_profiles_options_and_its_own(t
     assert by_row["brl-cp"]["method_options"] == {**p.method_options["brl"], "copy_paste": True}
     assert by_row["brl"]["method_options"] == p.method_options["brl"]  # the plain row is untouched
     assert by_row["brl-cp"]["out_dir"] != by_row["brl"]["out_dir"]
+    # BCP's pre-training stage is a training setting of the copy-paste rows only, and the table says so
+    assert by_row["bcp"]["config"]["pretrain_iterations"] == by_row["brl-cp"]["config"]["pretrain_iterations"] > 0
+    assert by_row["brl"]["config"].get("pretrain_iterations", 0) == 0
+    runs = [_run("supervised", 4, 0, 0.6), _run("full", "all", 0, 0.9), _run("bcp", 4, 0, 0.8)]
+    result = {"profile": "la-quick", "description": "d", "seeds": [0], "config": p.config, "profile_iterations": 2000,
+              "environment": {"device": "cpu", "machine": "x86_64", "processor": "x86_64", "cpu_threads": 2,
+                              "python": "3", "torch": "2", "monai": "1", "date": "today"},
+              "methods": ["supervised", "full", "bcp"], "row_config": {"bcp": {"pretrain_iterations": 300}},
+              "summary": summarize_runs(runs, ["supervised", "full", "bcp"], [4])}
+    assert "bcp: pretrain_iterations = 300" in markdown_table(result)
