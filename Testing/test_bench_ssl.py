@@ -168,3 +168,10 @@ def test_a_row_variant_trains_its_method_with_the_profiles_options_and_its_own(t
               "methods": ["supervised", "full", "bcp"], "row_config": {"bcp": {"pretrain_iterations": 300}},
               "summary": summarize_runs(runs, ["supervised", "full", "bcp"], [4])}
     assert "bcp: pretrain_iterations = 300" in markdown_table(result)
+
+
+def test_the_command_line_accepts_row_variants_and_refuses_unknown_names():
+    from benchmarks.ssl_methods import unknown_rows
+
+    assert unknown_rows(["full", "brl", "brl-cp", "bcp"]) == []
+    assert unknown_rows(["brl-cp", "bcpp"]) == ["bcpp"]

@@ -309,6 +309,13 @@ def with_network_options(config: dict, options: dict) -> dict:
     return {**config, "network": network.to_dict()}
 
 
+def unknown_rows(methods) -> list[str]:
+    """The names in `methods` that are neither "full", a registered method nor a row variant."""
+    from SSLSegmentLib.ml.methods import available_methods
+
+    return [m for m in methods if m != "full" and m not in ROW_VARIANTS and m not in available_methods()]
+
+
 def plan_tasks(profile: Profile, data: Path, work: Path, methods, seeds, labeled, config, args) -> list[dict]:
     lists = {}
     for key in ("train", "val", "test"):
@@ -726,12 +733,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     profile = PROFILES[args.profile]
     methods = args.methods or profile.methods
-    unknown = [m for m in methods if m != "full"]
-    from SSLSegmentLib.ml.methods import available_methods
-
-    bad = [m for m in unknown if m not in available_methods()]
+    bad = unknown_rows(methods)
     if bad:
-        ap.error(f"unknown method(s) {bad}; available: full, {', '.join(available_methods())}")
+        from SSLSegmentLib.ml.methods import available_methods
+
+        ap.error(f"unknown method(s) {bad}; available: full, {', '.join(available_methods() + sorted(ROW_VARIANTS))}")
     try:
         with_network_options(profile.config, network_options(args))
     except ValueError as e:
