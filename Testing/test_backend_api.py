@@ -284,7 +284,7 @@ def test_train_request_follows_the_schema(backend, client):
     assert err.value.status == 422 and "colour" in err.value.message
     with pytest.raises(ValidationError) as err:
         client.start_training(iterations=0)
-    assert err.value.status == 400 and "iterations must be between" in err.value.message
+    assert err.value.status == 422 and "iterations must be between" in err.value.message
     assert client.list_jobs("queued") == []
 
 

@@ -123,7 +123,7 @@ def test_typed_errors_carry_the_server_message(served, client):
         client.infer("phantom_000", "/tmp/unused")
     with pytest.raises(ValidationError, match="unknown method 'magic'") as err:
         client.start_training(method="magic")
-    assert err.value.status == 400
+    assert err.value.status == 422
     with pytest.raises(ValidationError, match="colour"):  # pydantic's field errors, joined into one message
         client.start_training(colour="blue")
     with pytest.raises(NotFoundError):

@@ -12,6 +12,8 @@ maps onto a TrainConfig field of the same name. From PARAMS follow:
 from __future__ import annotations
 
 import math
+import os
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -71,6 +73,26 @@ def _method(name, v, store):
         raise InvalidInput(f"unknown method {v!r}; available: {', '.join(available_methods())}")
 
 
+def _device(name, v, store):
+    """A device this machine has: the server and its workers share the machine (docs/backend.md)."""
+    import torch
+
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    m = re.fullmatch(r"(auto|cpu|cuda)(?::(\d{1,3}))?", v)
+    ok = m is not None and (m.group(2) is None or m.group(1) == "cuda")
+    if ok and m.group(1) == "cuda":
+        ok = n_gpus > 0 and (m.group(2) is None or int(m.group(2)) < n_gpus)
+    if not ok:
+        raise InvalidInput(f"{name} must be auto, cpu, cuda or cuda:N on this machine ({n_gpus} GPU(s)), got {v!r}")
+
+
+def _nproc(name, v, store):
+    import torch
+
+    most = max(os.cpu_count() or 1, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    _between(1, most)(f"{name} (processes: at most this machine's {most} cores or GPUs)", v, store)
+
+
 def _init(name, v, store):
     if v in ("current", "scratch"):
         return
@@ -82,8 +104,8 @@ def _init(name, v, store):
 
 
 def _patch_size(name, v, store):
-    if len(v) != 3 or not all(p > 0 for p in v):
-        raise InvalidInput(f"{name} must be three positive integers [z, y, x], got {v!r}")
+    if len(v) != 3 or not all(0 < p <= MAX_PATCH_SIDE for p in v):
+        raise InvalidInput(f"{name} must be three integers [z, y, x] in 1..{MAX_PATCH_SIDE}, got {v!r}")
 
 
 def _network(name, v, store):
@@ -95,17 +117,24 @@ def _network(name, v, store):
         raise InvalidInput(f"{name}: {exc}") from None
 
 
+# Bounds of the API, not of the method: a request beyond them is a typo or an attack, never a training run
+# (the activation estimate that bounds the network, patch and batch together is NetworkConfig's).
+MAX_PATCH_SIDE = 1024
+MAX_BATCH = 64
+MAX_TRAIN_MEMORY_BYTES = 256 * 2**30  # above the largest single accelerator; caps channels × patch × batch
+MAX_SEED = 2**32 - 1  # numpy's seed range
+
 PARAMS: tuple[Param, ...] = (
     Param("method", str, "SSL method (GET /info lists them)", check=_method),
     Param("iterations", int, "training steps", check=_between(1, 1_000_000)),
     Param("lr", float, "learning rate", check=_positive),
-    Param("batch_labeled", int, "labeled patches per step"),
-    Param("batch_unlabeled", int, "unlabeled patches per step"),
-    Param("seed", int, "random seed"),
-    Param("val_interval", int, "steps between validations (at most the iterations)"),
+    Param("batch_labeled", int, "labeled patches per step", check=_between(1, MAX_BATCH)),
+    Param("batch_unlabeled", int, "unlabeled patches per step", check=_between(0, MAX_BATCH)),
+    Param("seed", int, "random seed", check=_between(0, MAX_SEED)),
+    Param("val_interval", int, "steps between validations (at most the iterations)", check=_between(1, 1_000_000)),
     Param("patch_size", list[int], "training patch [z, y, x]", PARENT, check=_patch_size),
     Param("tolerance", float, "promote when the validation Dice drops by at most this",
-          "settings.train, else the datastore's tolerance setting", config=False,
+          "settings.train, else the datastore's tolerance setting", config=False, check=_between(-1, 1),
           fallback=lambda settings: settings["tolerance"]),
     Param("init", str, "'current', 'scratch' or a model version to fine-tune from", "settings.train, else 'current'",
           config=False, check=_init, fallback=lambda settings: "current"),
@@ -113,22 +142,24 @@ PARAMS: tuple[Param, ...] = (
           "settings.train, else NetworkConfig's default", config=False, check=_network),
     Param("method_options", dict, "the method's own options", TRAINER),
     Param("nproc", int, "DDP processes (torchrun)", "the worker's --nproc, else settings.train", config=False,
-          check=_between(1, 64)),
-    Param("device", str, "training device (auto, cpu, cuda, cuda:N)"),
-    Param("momentum", float, "SGD momentum", TRAINER),
-    Param("weight_decay", float, "SGD weight decay", TRAINER),
-    Param("ema_decay", float, "EMA teacher decay", TRAINER),
+          check=_nproc),
+    Param("device", str, "training device (auto, cpu, cuda, cuda:N)", check=_device),
+    Param("momentum", float, "SGD momentum", TRAINER, check=_between(0, 0.999)),
+    Param("weight_decay", float, "SGD weight decay", TRAINER, check=_between(0, 1)),
+    Param("ema_decay", float, "EMA teacher decay", TRAINER, check=_between(0, 1)),
     Param("augment", bool, "random flips and 90-degree turns of the patches", TRAINER),
     Param("lr_schedule", str, "constant, step or poly", TRAINER),
-    Param("rampup_steps", int, "length of the unsupervised weight's ramp", TRAINER),
-    Param("pretrain_iterations", int, "first steps trained on labeled-only copy-paste mixes (BCP's stage)", TRAINER),
+    Param("rampup_steps", int, "length of the unsupervised weight's ramp", TRAINER, check=_between(0, 1_000_000)),
+    Param("pretrain_iterations", int, "first steps trained on labeled-only copy-paste mixes (BCP's stage)", TRAINER,
+          check=_between(0, 1_000_000)),
     Param("eval_model", str, "which weights are validated and exported: student or teacher", TRAINER),
 )
 PARAM_BY_NAME = {p.name: p for p in PARAMS}
 
 TrainRequest = create_model(
     "TrainRequest",
-    __config__=ConfigDict(extra="forbid"),
+    # strict: "10" is not an integer and true is not a number; NaN and infinities are not numbers of a request.
+    __config__=ConfigDict(extra="forbid", strict=True, allow_inf_nan=False),
     __doc__="Training job parameters; all optional (defaults: see training/jobs.py).",
     **{p.name: (p.type | None, Field(None, description=f"{p.doc} (default: {p.default})")) for p in PARAMS},
 )
@@ -171,7 +202,28 @@ def resolve_train_params(store: Datastore, params: dict | None, default_nproc: i
         _check_type(p, v)
         if p.check is not None:
             p.check(p.name, v, store)
+    _check_whole_config(store, merged)
     return merged
+
+
+def _check_whole_config(store: Datastore, params: dict) -> None:
+    """What only the whole job can tell: the TrainConfig it would run (the trainer's own rules: schedules, method
+    options, patch multiples, pre-training) and a network, patch and batch that fit in memory at all."""
+    from SSLSegmentLib.ml.checkpoint import load_checkpoint
+    from SSLSegmentLib.ml.networks import NetworkConfig
+
+    init = params.get("init", "current")
+    version = ModelRegistry(store).current if init == "current" else (None if init == "scratch" else init)
+    parent = load_checkpoint(ModelRegistry(store).model_path(version)) if version else None
+    try:
+        config = build_train_config(params, parent)
+    except JobFailed as exc:
+        raise InvalidInput(str(exc)) from None
+    batch = config.batch_labeled + config.batch_unlabeled
+    need = NetworkConfig(**config.network).training_bytes_lower_bound(config.patch_size, batch)
+    if need > MAX_TRAIN_MEMORY_BYTES:
+        raise InvalidInput(f"network, patch_size and batch need at least {need / 2**30:.0f} GiB per training step "
+                           f"(limit {MAX_TRAIN_MEMORY_BYTES // 2**30} GiB): use fewer channels or a smaller patch")
 
 
 def build_train_config(params: dict, init_ckpt: dict | None):

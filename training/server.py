@@ -17,6 +17,7 @@ import errno
 import hmac
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Body, Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -69,7 +72,7 @@ def _version() -> str:
 class InferRequest(BaseModel):
     """Inference options; all optional (defaults from the datastore settings)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
     passes: int | None = Field(None, ge=1, le=64, description="MC-dropout passes")
     threshold: float | None = Field(None, ge=0.0, lt=1.0, description="uncertainty threshold of review regions")
     min_voxels: int | None = Field(None, ge=1)
@@ -273,10 +276,7 @@ train_router = APIRouter(prefix=f"{API}/train", tags=["train"], dependencies=AUT
 @train_router.post("", status_code=202)
 def start_training(b: B, request: TrainRequest = Body(default_factory=TrainRequest)):
     params = request.model_dump(exclude_none=True)
-    try:
-        resolve_train_params(b.store, params)
-    except InvalidInput as exc:
-        raise HTTPException(400, str(exc)) from None
+    resolve_train_params(b.store, params)  # InvalidInput: 422 naming the parameter
     return b.store.create_job(params, trigger="manual")
 
 
@@ -378,6 +378,22 @@ def _error(status: int):
     return handler
 
 
+def _finite(value):
+    """`value` with every NaN or infinity spelled as a string: JSON has no such numbers, and a 422 that echoes one
+    back must still be a valid response."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+async def _request_invalid(request, exc: RequestValidationError):
+    return JSONResponse({"detail": _finite(jsonable_encoder(exc.errors()))}, status_code=422)
+
+
 async def _storage_error(request, exc):
     # Disk full or permissions: nothing was indexed (rows commit only after files are in place).
     code = 507 if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) else 500
@@ -405,6 +421,7 @@ def create_app(datastore_dir: str | os.PathLike, token: str | None = None, *, ma
     app.add_middleware(_BodyLimit, limit_bytes=int(limit_mb * 2**20))
     for exc_type, status in ((NotFound, 404), (Conflict, 409), (InvalidInput, 422), (ImageError, 422)):
         app.add_exception_handler(exc_type, _error(status))
+    app.add_exception_handler(RequestValidationError, _request_invalid)
     app.add_exception_handler(OSError, _storage_error)
     for router in ROUTERS:
         app.include_router(router)

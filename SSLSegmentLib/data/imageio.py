@@ -38,16 +38,26 @@ def read_volume(path: str | os.PathLike, *, max_spacing_mm: float = 50.0) -> Vol
         raise ImageError(f"{path}: implausible voxel spacing {tuple(round(s, 4) for s in spacing)} mm")
     if min(img.GetSize()) < 2:
         raise ImageError(f"{path}: degenerate size {img.GetSize()}")
-    return Volume.from_sitk(img)
+    vol = Volume.from_sitk(img)
+    if np.issubdtype(vol.array.dtype, np.floating):
+        bad = int(np.count_nonzero(~np.isfinite(vol.array)))
+        if bad:
+            raise ImageError(f"{path}: {bad} voxel{'s' if bad > 1 else ''} hold NaN or infinity; "
+                             "every voxel must be a finite number")
+    return vol
 
 
 def read_label(path: str | os.PathLike, image: Volume | None = None) -> Volume:
-    """Read a label map; with `image`, check that its grid matches the image's exactly."""
+    """Read a label map (stored as uint8); with `image`, check that its grid matches the image's exactly.
+
+    The values are checked in the file's own type before the cast, which would otherwise wrap 256 to 0 and 257
+    to 1 and turn an out-of-range label into a plausible one."""
     label = read_volume(path)
     arr = label.array
-    if not np.issubdtype(arr.dtype, np.integer):
-        if not np.all(np.isfinite(arr)) or not np.allclose(arr, np.round(arr)):
-            raise ImageError(f"{path}: a label map must hold integer values")
+    if not np.issubdtype(arr.dtype, np.integer) and not np.array_equal(arr, np.round(arr)):
+        raise ImageError(f"{path}: a label map must hold integer values")
+    if arr.size and (arr.min() < 0 or arr.max() > 255):
+        raise ImageError(f"{path}: label values must be 0..255, found {arr.min():g}..{arr.max():g}")
     label.array = arr.astype(np.uint8)
     if image is not None:
         check_same_grid(image, label, what=str(path))

@@ -97,6 +97,11 @@ class TrainConfig:
             raise ValueError(f"pretrain_iterations must be in [0, iterations), got {self.pretrain_iterations}")
         if self.pretrain_iterations and self.batch_labeled < 2:
             raise ValueError("labeled-only copy-paste pre-training pairs labeled patches: batch_labeled must be >= 2")
+        from SSLSegmentLib.ml.methods import available_methods
+        from SSLSegmentLib.ml.methods.base import check_options
+
+        if self.method in available_methods():  # an unknown name is refused where the method is built
+            check_options(self.method, self.method_options)
         net = NetworkConfig(**self.network)
         bad = [p for p in self.patch_size if p % net.size_multiple]
         if len(self.patch_size) != 3 or bad:

@@ -14,6 +14,8 @@ Batch layout (labeled stream first, then unlabeled; B = labeled + unlabeled):
 from __future__ import annotations
 
 import importlib
+import inspect
+import math
 import pkgutil
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar
@@ -110,10 +112,40 @@ def available_methods() -> dict[str, type[SSLMethod]]:
     return dict(sorted(_REGISTRY.items()))
 
 
+def check_options(name: str, options: dict) -> None:
+    """Raise ValueError naming the option when `options` are not the method's: an unknown name, or a value whose
+    JSON type differs from the default's (an integer for an integer, a finite number for a float, a boolean for
+    a boolean, a string for a string)."""
+    cls = available_methods()[name]
+    params = {}
+    for klass in reversed(cls.__mro__):  # subclasses pass **kwargs on to the base's consistency_weight
+        if issubclass(klass, SSLMethod):
+            params.update({k: p for k, p in inspect.signature(klass.__init__).parameters.items()
+                           if k != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)})
+    unknown = sorted(set(options) - set(params))
+    if unknown:
+        raise ValueError(f"method_options: {name} has no option(s) {unknown}; its options: {sorted(params)}")
+    for key, value in options.items():
+        default = params[key].default
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        elif isinstance(default, str):
+            ok = isinstance(value, str)
+        else:
+            ok = True  # no default or None: the method checks it itself
+        if not ok:
+            raise ValueError(f"method_options: {name}'s {key} must be like its default {default!r}, got {value!r}")
+
+
 def get_method(name: str, **options) -> SSLMethod:
     methods = available_methods()
     if name not in methods:
         raise KeyError(f"unknown method {name!r}; available: {', '.join(methods)}")
+    check_options(name, options)
     return methods[name](**options)
 
 

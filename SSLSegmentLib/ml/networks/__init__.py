@@ -74,6 +74,26 @@ class NetworkConfig:
         is a bare convolution and VNet has no such unit: nothing to drop."""
         return not self.top_res_unit and self.arch == "unet" and self.num_res_units >= 1
 
+    def training_bytes_lower_bound(self, patch_size, batch: int) -> int:
+        """A lower bound on the memory of one training step with `batch` patches of `patch_size` (z, y, x), in bytes:
+        the float32 weights with their gradients, and per level and patch the convolution, norm and activation outputs
+        kept for the backward pass, once on the way down and once up. The real step needs more (residual units,
+        skip concatenations, optimiser state, the teacher); the bound only refuses what cannot run anywhere."""
+        voxels = 1
+        for p in patch_size:
+            voxels *= int(p)
+        if self.arch == "vnet":
+            channels, strides = tuple(16 * 2**i for i in range(5)), (2, 2, 2, 2)
+        else:
+            channels, strides = self.channels, self.strides
+        weights = sum(a * b * 27 for a, b in zip((self.in_channels,) + tuple(channels), channels))
+        activations, scale = 0, 1
+        for i, c in enumerate(channels):
+            activations += c * (voxels // scale)
+            if i < len(strides):
+                scale *= strides[i] ** 3
+        return 4 * (2 * weights + 3 * 2 * int(batch) * activations)
+
     @property
     def size_multiple(self) -> int:
         """Spatial sizes the trunk accepts must be multiples of this."""

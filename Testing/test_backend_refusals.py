@@ -1,0 +1,158 @@
+"""Bad input is refused at the door: the real server on 127.0.0.1 answers a 4xx naming the problem, the answer is
+valid JSON, and nothing reaches storage (no job queued, no case or label revision stored)."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from conftest import TINY_NET, TINY_PATCH
+from SSLSegmentLib.data.imageio import read_volume, write_volume
+from SSLSegmentLib.data.volume import Volume
+from SSLSegmentLib.review.client import ValidationError
+from SSLSegmentLib.review.local_backend import LocalBackend
+from training.datastore import Datastore, import_folder
+
+TRAIN = {"network": TINY_NET, "patch_size": list(TINY_PATCH), "iterations": 30, "val_interval": 10, "device": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def backend(tmp_path_factory, tiny_dataset):
+    root = tmp_path_factory.mktemp("refusals") / "store"
+    store = Datastore(root, create=True)
+    import_folder(store, tiny_dataset, labels="train:2")
+    store.update_settings({"train": TRAIN})
+    # No worker: a job that got queued would stay visible in the queue.
+    with LocalBackend(root, with_worker=False, serve_args=["--max-upload-mb", "1"]).start().wait_until_ready() as handle:
+        yield handle
+
+
+@pytest.fixture(scope="module")
+def client(backend):
+    return backend.client(timeout=60)
+
+
+def _post_json(backend, path: str, body: bytes) -> tuple[int, dict]:
+    """POST a raw JSON body (json.dumps would refuse NaN literals; a client in another language may send them)."""
+    req = urllib.request.Request(backend.base_url + path, data=body, method="POST",
+                                 headers={"Authorization": f"Bearer {backend.token}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            status, text = resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        status, text = exc.code, exc.read()
+    return status, json.loads(text)  # always JSON, NaN never in it (json.loads would accept it: checked below)
+
+
+def _no_nan(text: str) -> bool:
+    return not any(tok in text for tok in ("NaN", "Infinity"))
+
+
+@pytest.mark.parametrize("field", ["momentum", "weight_decay", "ema_decay", "lr", "tolerance"])
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_training_numbers_are_refused_and_queue_nothing(backend, client, field, literal):
+    status, body = _post_json(backend, "/api/v1/train", f'{{"{field}": {literal}}}'.encode())
+    assert status == 422 and field in json.dumps(body) and _no_nan(json.dumps(body))
+    assert client.list_jobs("queued") == []  # nothing queued, and the job list still answers
+
+
+def test_non_finite_inference_threshold_is_a_422_with_a_json_body(backend, client):
+    case = client.list_cases("train")[0]["case_id"]
+    status, body = _post_json(backend, f"/api/v1/cases/{case}/infer", b'{"threshold": NaN}')
+    assert status == 422 and "threshold" in json.dumps(body) and _no_nan(json.dumps(body))
+
+
+# Each: a parameter the worker would have failed on (or silently coerced) after a 202.
+BAD_TRAIN_PARAMS = [
+    ({"batch_labeled": 0}, "batch_labeled"),
+    ({"batch_labeled": -1}, "batch_labeled"),
+    ({"batch_labeled": 1_000_000}, "batch_labeled"),
+    ({"batch_unlabeled": -1}, "batch_unlabeled"),
+    ({"val_interval": 0}, "val_interval"),
+    ({"device": "tpu:99"}, "device"),
+    ({"device": "cuda:7"}, "device"),
+    ({"lr_schedule": "bogus"}, "lr_schedule"),
+    ({"eval_model": "both"}, "eval_model"),
+    ({"seed": 2**70}, "seed"),
+    ({"seed": -1}, "seed"),
+    ({"patch_size": [4096, 4096, 4096]}, "patch_size"),
+    ({"network": {"channels": [100000, 200000, 400000], "strides": [2, 2]}}, "network"),
+    ({"nproc": 64}, "nproc"),
+    ({"weight_decay": -1.0}, "weight_decay"),
+    ({"ema_decay": 5.0}, "ema_decay"),
+    ({"momentum": 2.0}, "momentum"),
+    ({"rampup_steps": -10}, "rampup_steps"),
+    ({"pretrain_iterations": -1}, "pretrain_iterations"),
+    ({"pretrain_iterations": 5, "iterations": 5}, "pretrain_iterations"),
+    ({"method_options": {"nonsense": 1}}, "nonsense"),
+    ({"method": "mean-teacher", "method_options": {"ema_decay": "high"}}, "method_options"),
+    ({"iterations": "10"}, "iterations"),
+    ({"iterations": True}, "iterations"),
+    ({"lr": "0.1"}, "lr"),
+    ({"augment": 1}, "augment"),
+]
+
+
+@pytest.mark.parametrize("params,field", BAD_TRAIN_PARAMS, ids=[json.dumps(p)[:40] for p, _ in BAD_TRAIN_PARAMS])
+def test_training_parameters_are_checked_before_the_job_is_queued(backend, client, params, field):
+    status, body = _post_json(backend, "/api/v1/train", json.dumps(params).encode())
+    assert status == 422, body
+    assert field in body["detail"] if isinstance(body["detail"], str) else field in json.dumps(body["detail"])
+    assert client.list_jobs("queued") == []
+
+
+def test_a_good_training_request_is_still_queued(backend, client):
+    job = client.start_training(iterations=20, seed=3, device="cpu", method_options={})
+    try:
+        assert job["status"] == "queued" and job["params"]["seed"] == 3
+    finally:
+        client.cancel_job(job["job_id"])
+
+
+def _grid_of(client, case_id, tmp_path) -> Volume:
+    return read_volume(client.download_image(case_id, tmp_path / f"{case_id}.nrrd"))
+
+
+@pytest.mark.parametrize("dtype,value", [(np.uint16, 256), (np.uint16, 257), (np.int16, -1), (np.float64, 1e10),
+                                         (np.int32, 2**16 + 1), (np.float32, 256.0)])
+def test_label_values_are_checked_before_they_are_narrowed(backend, client, tmp_path, dtype, value):
+    case = client.list_cases("train")[-1]["case_id"]
+    image = _grid_of(client, case, tmp_path)
+    before = client.label_history(case)
+    arr = np.zeros(image.shape, dtype=dtype)
+    arr[2:6, 4:10, 4:10] = value  # 256 and 257 would wrap to 0 and 1, and be stored as a plausible label
+    path = write_volume(image.like(arr), tmp_path / "label.nrrd")
+    with pytest.raises(ValidationError) as err:
+        client.submit_label(case, path, kind="final")
+    assert err.value.status == 422 and "label" in err.value.message
+    assert client.label_history(case) == before
+
+
+def test_reviewed_mask_values_are_checked_before_they_are_narrowed(backend, client, tmp_path):
+    case = client.list_cases("train")[-2]["case_id"]
+    image = _grid_of(client, case, tmp_path)
+    before = client.label_history(case)
+    label = write_volume(image.like(np.zeros(image.shape, np.uint8)), tmp_path / "label.nrrd")
+    mask = np.zeros(image.shape, np.uint16)
+    mask[2:6, 4:10, 4:10] = 257  # would wrap to 1: a mask of reviewed voxels nobody marked
+    mask_path = write_volume(image.like(mask), tmp_path / "mask.nrrd")
+    with pytest.raises(ValidationError) as err:
+        client.submit_label(case, label, kind="correction", reviewed_mask_path=mask_path)
+    assert err.value.status == 422 and "mask" in err.value.message
+    assert client.label_history(case) == before
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_images_with_non_finite_voxels_are_refused(backend, client, tmp_path, bad):
+    arr = np.random.default_rng(0).random((12, 16, 16), dtype=np.float32)
+    arr[3, 4, 5] = bad
+    path = write_volume(Volume(arr), tmp_path / "bad.nrrd")
+    n = len(client.list_cases())
+    with pytest.raises(ValidationError) as err:
+        client.upload_case(path, case_id="non-finite")
+    assert err.value.status == 422 and "finite" in err.value.message and "1 voxel" in err.value.message
+    assert len(client.list_cases()) == n
