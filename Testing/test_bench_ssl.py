@@ -135,8 +135,23 @@ def test_method_options_come_from_the_profile_and_the_command_line(tmp_path):
     tasks = plan_tasks(p, tmp_path, tmp_path, ["full", "supervised", "brl", "sgrs"], [0], [4], p.config, args)
     by = {t["method"]: t["method_options"] for t in tasks}
     assert by == {"full": {}, "supervised": {}, "brl": {"beta": 0.5, "consistency_weight": 0.1}, "sgrs": {"consistency_weight": 0.3}}
-    with pytest.raises(ValueError, match="METHOD:KEY=VALUE"):
+    with pytest.raises(ValueError, match="--method-option takes ROW:KEY=VALUE"):
         method_options(p, argparse.Namespace(method_option=["beta=0.5"]))
+
+
+def test_row_training_settings_come_from_the_profile_and_the_command_line(tmp_path):
+    from benchmarks.ssl_methods import row_config
+
+    p = PROFILES["la-quick"]
+    args = argparse.Namespace(row_config=["bcp:pretrain_iterations=1000", "supervised:lr=0.01"])
+    assert row_config(p, args) == {**p.row_config, "bcp": {"pretrain_iterations": 1000}, "supervised": {"lr": 0.01}}
+    assert p.row_config["bcp"]["pretrain_iterations"] == 300  # the profile itself is untouched
+    tasks = plan_tasks(p, tmp_path, tmp_path, ["supervised", "bcp", "brl-cp"], [0], [4], p.config, args)
+    by = {t["method"]: t["config"] for t in tasks}
+    assert by["bcp"]["pretrain_iterations"] == 1000 and by["brl-cp"]["pretrain_iterations"] == 300
+    assert by["supervised"]["lr"] == 0.01 and by["bcp"]["lr"] == p.config["lr"]
+    with pytest.raises(ValueError, match="--row-config takes ROW:KEY=VALUE"):
+        row_config(p, argparse.Namespace(row_config=["pretrain_iterations=1000"]))
 
 
 def test_the_harness_finds_the_repository_it_lives_in():

@@ -273,17 +273,27 @@ def _run_one(task: dict) -> dict:
     return row
 
 
-def method_options(profile: Profile, args) -> dict[str, dict]:
-    """The profile's per-method options with --method-option METHOD:KEY=VALUE on top."""
+def _per_row(items, flag: str, base: dict[str, dict]) -> dict[str, dict]:
+    """`base` (row -> settings) with ROW:KEY=VALUE items of `flag` on top."""
     from training.commands import parse_key_values
 
-    out = {m: dict(o) for m, o in profile.method_options.items()}
-    for item in getattr(args, "method_option", None) or []:
-        method, sep, kv = item.partition(":")
+    out = {m: dict(o) for m, o in base.items()}
+    for item in items or []:
+        row, sep, kv = item.partition(":")
         if not sep or "=" not in kv:
-            raise ValueError(f"--method-option takes METHOD:KEY=VALUE, got {item!r}")
-        out.setdefault(method, {}).update(parse_key_values([kv]))
+            raise ValueError(f"{flag} takes ROW:KEY=VALUE, got {item!r}")
+        out.setdefault(row, {}).update(parse_key_values([kv]))
     return out
+
+
+def method_options(profile: Profile, args) -> dict[str, dict]:
+    """The profile's per-method options with --method-option METHOD:KEY=VALUE on top."""
+    return _per_row(getattr(args, "method_option", None), "--method-option", profile.method_options)
+
+
+def row_config(profile: Profile, args) -> dict[str, dict]:
+    """The profile's per-row training settings with --row-config ROW:KEY=VALUE on top."""
+    return _per_row(getattr(args, "row_config", None), "--row-config", profile.row_config)
 
 
 def network_options(args) -> dict:
@@ -327,7 +337,7 @@ def plan_tasks(profile: Profile, data: Path, work: Path, methods, seeds, labeled
     device = getattr(args, "device", None)
     if device:
         config = {**config, "device": device}
-    options = method_options(profile, args)
+    options, per_row = method_options(profile, args), row_config(profile, args)
     base = dict(profile=profile.name, data=str(data), config=config, threads=getattr(args, "threads", 2),
                 eval_overlap=profile.eval_overlap, evaluate_last=profile.evaluate_last, **lists)
     tasks = []
@@ -340,7 +350,7 @@ def plan_tasks(profile: Profile, data: Path, work: Path, methods, seeds, labeled
                 if m != "full":
                     trained, extra = ROW_VARIANTS.get(m, (m, {}))
                     opts = {**options.get(trained, {}), **extra, **(options.get(m, {}) if m != trained else {})}
-                    tasks.append({**base, "config": {**config, **profile.row_config.get(m, {})},
+                    tasks.append({**base, "config": {**config, **per_row.get(m, {})},
                                   "method": m, "train_method": trained, "n_labeled": n, "seed": seed,
                                   "method_options": opts,
                                   "out_dir": str(work / "runs" / profile.name / f"l{n}" / f"s{seed}" / m)})
@@ -362,7 +372,7 @@ def run_profile(profile: Profile, work: Path, methods: list[str], seeds: list[in
         "data": str(data),
         "config": TrainConfig(**config).to_dict(),
         "method_options": method_options(profile, args),
-        "row_config": {m: c for m, c in profile.row_config.items() if m in methods},
+        "row_config": {m: c for m, c in row_config(profile, args).items() if m in methods},
         "network_options": network_options(args),
         "profile_iterations": profile.config["iterations"],
         "seeds": seeds,
@@ -708,6 +718,8 @@ def main(argv=None) -> int:
     ap.add_argument("--test-list", default=None, help="test cases")
     ap.add_argument("--method-option", action="append", default=[], metavar="METHOD:KEY=VALUE",
                     help="a method option on top of the profile's, e.g. brl:beta=0.3 (repeatable; printed in the table)")
+    ap.add_argument("--row-config", action="append", default=[], metavar="ROW:KEY=VALUE",
+                    help="a training setting of one row on top of the profile's (e.g. bcp:pretrain_iterations=1000)")
     ap.add_argument("--network", action="append", default=[], metavar="KEY=VALUE",
                     help="a NetworkConfig field on top of the profile's network, e.g. features=8 (repeatable; printed "
                     "in the table)")
