@@ -332,18 +332,46 @@ def test_model_versions_promote_rollback_and_compare_and_set(store, tmp_path, ti
     assert ModelRegistry(Datastore(store.root)).current == "v0002"
 
 
+def _scores(*values):
+    return {f"case{i:02d}": float(v) for i, v in enumerate(values)}
+
+
 def test_promotion_rule():
-    assert promotion_decision(0.80, 0.81, "v0001", 0.02)[0]
-    assert not promotion_decision(0.78, 0.81, "v0001", 0.02)[0]
-    assert promotion_decision(0.5, None, None, 0.02)[0]
-    promote, why = promotion_decision(0.6, float("nan"), "v0001", 0.02)
+    parent = _scores(*[0.80] * 10)
+    better = promotion_decision(_scores(*[0.83] * 10), parent, "v0001", 0.02)
+    assert better[0] and better[2]["interval"][0] > 0 and better[2]["mean_difference"] == pytest.approx(0.03)
+    # A small, consistent drop inside the tolerance is not a reason to hold a version back ...
+    assert promotion_decision(_scores(*[0.79, 0.795] * 5), parent, "v0001", 0.02)[0]
+    # ... a consistent drop beyond it is.
+    assert not promotion_decision(_scores(*[0.77] * 10), parent, "v0001", 0.02)[0]
+    promote, why, c = promotion_decision(_scores(0.5), _scores(0.9), "v0003", 0.1)
+    assert not promote and why.startswith("not promoted") and "v0003" in why and c["n_cases"] == 1
+    assert promotion_decision(_scores(0.5), None, None, 0.02)[:2] == (True, "first model version (validation Dice 0.5000)")
+    promote, why, _ = promotion_decision(_scores(0.6), _scores(float("nan")), "v0001", 0.02)
     assert promote and "could not be validated" in why
-    promote, why = promotion_decision(float("nan"), 0.8, "v0001", 0.02)
+    promote, why, _ = promotion_decision(_scores(float("nan")), _scores(0.8), "v0001", 0.02)
     assert not promote and "no validation" in why
-    promote, why = promotion_decision(None, None, None, 0.02)
+    promote, why, _ = promotion_decision({}, None, None, 0.02)
     assert not promote and "promote it by hand" in why
-    promote, why = promotion_decision(0.5, 0.9, "v0003", 0.1)
-    assert not promote and why.startswith("not promoted") and "v0003" in why
+
+
+def test_promotion_decides_on_paired_cases_not_on_one_mean():
+    """A version that gains a little on nine cases and collapses on the tenth has a mean inside the tolerance (the
+    former rule promoted it); the paired interval sees the collapse and holds it back, with its numbers."""
+    from training.registry import paired_difference
+
+    parent = _scores(*[0.80] * 10)
+    new = _scores(*[0.85] * 9, 0.45)
+    assert sum(new.values()) / 10 >= sum(parent.values()) / 10 - 0.02
+    promote, why, c = promotion_decision(new, parent, "v0001", 0.02)
+    assert not promote and "possibly worse" in why
+    lo, hi = c["interval"]
+    assert lo < -0.02 < c["mean_difference"] < hi
+    assert c["cases"] == sorted(new) and c["new"][-1] == 0.45 and c["parent"] == [0.8] * 10
+    assert c["tolerance"] == 0.02 and c["confidence"] == 0.95 and c["resamples"] > 1000
+    assert paired_difference(new, parent) == paired_difference(new, parent)  # seeded: the same numbers, the same call
+    with pytest.raises(ValueError, match="different cases"):
+        paired_difference(_scores(0.8, 0.8), _scores(0.8))
 
 
 def _inference(store, cid, version="v0001", passes=2):

@@ -156,3 +156,34 @@ def test_images_with_non_finite_voxels_are_refused(backend, client, tmp_path, ba
         client.upload_case(path, case_id="non-finite")
     assert err.value.status == 422 and "finite" in err.value.message and "1 voxel" in err.value.message
     assert len(client.list_cases()) == n
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_an_upload_over_the_limit_is_answered_413_even_while_the_client_is_still_sending(backend, chunked):
+    """The server knows the answer from the headers (or from the first MB of a chunked body), long before the body
+    has arrived; a client that keeps sending must still read the 413 and its reason, not a reset connection."""
+    import http.client
+    import time
+    import urllib.parse
+
+    url = urllib.parse.urlsplit(backend.base_url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    body = (b'--B0UNDARY\r\nContent-Disposition: form-data; name="case_id"\r\n\r\nbig\r\n'
+            b'--B0UNDARY\r\nContent-Disposition: form-data; name="image"; filename="big.nrrd"\r\n\r\n'
+            + b"x" * (3 * 2**20) + b"\r\n--B0UNDARY--\r\n")  # 3 MB against the 1 MB limit
+    conn.putrequest("POST", "/api/v1/cases")
+    conn.putheader("Authorization", f"Bearer {backend.token}")
+    conn.putheader("Content-Type", "multipart/form-data; boundary=B0UNDARY")
+    conn.putheader("Transfer-Encoding" if chunked else "Content-Length", "chunked" if chunked else str(len(body)))
+    conn.endheaders()
+    time.sleep(0.3)  # the server has seen the headers by now; the body follows in pieces
+    step = 64 * 2**10
+    for i in range(0, len(body), step):
+        piece = body[i:i + step]
+        conn.send(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+    if chunked:
+        conn.send(b"0\r\n\r\n")
+    resp = conn.getresponse()
+    assert resp.status == 413 and "limit" in json.loads(resp.read())["detail"]
+    conn.close()
+    assert "big" not in [c["case_id"] for c in backend.client().list_cases()]

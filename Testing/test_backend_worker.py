@@ -77,6 +77,25 @@ def test_correction_trained_on_but_regression_not_promoted(trained):
     assert model["parent"] == "v0001" and not model["promoted"] and model["decision"] == r["reason"]
     assert rev["revision"] in model["trained_on"]["revisions"]
     assert r["parent_val_dice"] is not None and r["parent_val_dice"] > 0.5
+    # The decision's numbers are in the registry: per-case Dice of both versions, the paired interval, the rule.
+    c = model["metrics"]["promotion"]
+    val_cases = sorted(x["case_id"] for x in store.cases("val"))
+    assert c["cases"] == val_cases and c["n_cases"] == len(val_cases) and c["tolerance"] == -1.0
+    assert c["interval"][0] <= c["mean_difference"] <= c["interval"][1] and c["interval"][0] < 1.0
+    assert c["mean_parent"] == pytest.approx(r["parent_val_dice"]) and c["mean_new"] == pytest.approx(r["val_dice"])
+    assert model["metrics"]["val_dice_per_case"] == dict(zip(c["cases"], c["new"]))
+    # Retention: per corrected case, the share of its reviewed voxels each version labels as the correction does;
+    # the parent's number, recomputed here, is what the job recorded.
+    from SSLSegmentLib.ml.inference import Predictor
+
+    for key, version in (("parent_retention", "v0001"), ("retention", r["model_version"])):
+        kept = r[key]
+        assert set(kept["per_case"]) == {cid} and kept["reviewed_voxels"][cid] == int(mask.sum())
+        predictor = Predictor.from_checkpoint(ModelRegistry(store).model_path(version), passes=1, device="cpu")
+        label = predictor(store.load_image(cid)).label
+        assert kept["per_case"][cid] == pytest.approx(float((label[mask > 0] == 0).mean()))
+        assert kept["min"] == kept["overall"] == kept["per_case"][cid]
+    assert model["metrics"]["retention"] == r["retention"]
 
 
 def test_nan_loss_fails_the_job_and_keeps_current(trained):
@@ -113,7 +132,7 @@ EVERY_PARAM = {
     "val_interval": 6, "patch_size": [16, 32, 32], "tolerance": 0.1, "init": "scratch", "network": TINY_NET,
     "method_options": {"consistency_weight": 0.5}, "nproc": 2, "device": "cpu", "momentum": 0.8, "weight_decay": 0.0,
     "ema_decay": 0.95, "augment": False, "lr_schedule": "poly", "rampup_steps": 5, "eval_model": "teacher",
-    "pretrain_iterations": 2,
+    "pretrain_iterations": 2, "reviewed_patch_share": 0.25,
 }
 
 

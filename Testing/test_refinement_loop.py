@@ -146,6 +146,11 @@ def test_guided_correction_goes_through_the_backend_and_is_folded_into_retrainin
         acc_with = _accuracy_on(nets[with_], image, t, fixed)
         acc_without = _accuracy_on(nets[without], image, t, fixed)
         assert acc_with > acc_without + 0.05, (acc_with, acc_without)
+        # The job reported it: its model reproduces more of the reviewed voxels than the model it started from.
+        kept, before = models[with_]["metrics"]["retention"], models[with_]["metrics"]["parent_retention"]
+        assert kept["reviewed_voxels"][case["case_id"]] == review.spent
+        assert kept["per_case"][case["case_id"]] > before["per_case"][case["case_id"]], (kept, before)
+        assert models[without]["metrics"]["retention"] == {}  # it trained on no correction
         # And the retrain with the correction keeps the test split's Dice.
         dice = {v: _test_dice(net, ds) for v, net in nets.items()}
         assert dice[with_] >= dice[without] - 0.05, dice

@@ -212,3 +212,47 @@ def test_patches_pad_small_volumes_and_skip_turns_when_not_asked_or_not_square()
     assert all(oblong.draw(idx.shape)["k"] == 0 for _ in range(50))
     with pytest.raises(ValueError, match="three positive sizes"):
         PatchSampler((4, 6), augment=True, seed=0)
+
+
+def _corrected_sample(shape=(20, 40, 40), region=(slice(0, 3), slice(30, 35), slice(2, 7))):
+    """A correction: labeled only in one small corner region (the reviewed voxels)."""
+    mask = np.zeros(shape, np.uint8)
+    mask[region] = 1
+    label = mask.copy()
+    image = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    return Sample("corrected", image, label, mask)
+
+
+def test_patches_of_a_correction_visit_its_reviewed_voxels_at_the_asked_share():
+    sample = _corrected_sample()
+    patch, n = (8, 16, 16), 600
+
+    def share_with_reviewed(sampler):
+        return np.mean([bool(sampler(sample)[2].any()) for _ in range(n)])
+
+    uniform = share_with_reviewed(PatchSampler(patch, True, seed=3, reviewed_share=0.0))
+    always = share_with_reviewed(PatchSampler(patch, True, seed=3, reviewed_share=1.0))
+    half = share_with_reviewed(PatchSampler(patch, True, seed=3, reviewed_share=0.5))
+    assert uniform < 0.15  # the corner region is inside a uniform crop only now and then
+    assert always == 1.0  # centred on a reviewed voxel and moved inside the volume, the crop always holds it
+    assert abs(half - (0.5 + 0.5 * uniform)) < 0.07
+    # Centred crops stay inside the volume, padding included (a volume thinner than the patch).
+    thin = _corrected_sample((3, 40, 40), (slice(0, 3), slice(36, 40), slice(36, 40)))
+    sampler = PatchSampler(patch, True, seed=1, reviewed_share=1.0)
+    for _ in range(50):
+        image, label, mask = sampler(thin)
+        assert image.shape == patch and mask.sum() > 0
+
+
+def test_the_reviewed_share_leaves_fully_labeled_and_unlabeled_samples_as_they_were():
+    sample, _ = _index_sample((10, 12, 12))
+    full = Sample("full", sample.image, sample.label, np.ones_like(sample.labeled_mask))
+    none = Sample("none", sample.image, sample.label, np.zeros_like(sample.labeled_mask))
+    a, b = PatchSampler((4, 6, 6), True, seed=4), PatchSampler((4, 6, 6), True, seed=4, reviewed_share=1.0)
+    for s in (full, none, full, none):
+        for pa, pb in zip(a(s), b(s)):
+            assert torch.equal(pa, pb)  # the same crops: no extra random draws for them
+    with pytest.raises(ValueError, match="reviewed_share is a probability"):
+        PatchSampler((4, 6, 6), True, seed=0, reviewed_share=1.5)
+    with pytest.raises(ValueError, match="reviewed_patch_share must be in"):
+        TrainConfig(reviewed_patch_share=-0.1)

@@ -153,6 +153,8 @@ PARAMS: tuple[Param, ...] = (
     Param("pretrain_iterations", int, "first steps trained on labeled-only copy-paste mixes (BCP's stage)", TRAINER,
           check=_between(0, 1_000_000)),
     Param("eval_model", str, "which weights are validated and exported: student or teacher", TRAINER),
+    Param("reviewed_patch_share", float, "share of a corrected case's patches centred on its reviewed voxels", TRAINER,
+          check=_between(0, 1)),
 )
 PARAM_BY_NAME = {p.name: p for p in PARAMS}
 

@@ -17,27 +17,71 @@ import sqlite3
 import time
 from pathlib import Path
 
+import numpy as np
+
 
 from training.datastore import Conflict, Datastore, InvalidInput, NotFound, StagedFolder, iso, sha256_file, validate_version
 
 CURRENT_KEY = "current_model"
 
 
-def promotion_decision(new_dice: float | None, parent_dice: float | None, parent: str | None,
-                       tolerance: float) -> tuple[bool, str]:
-    """(promote?, reason). No validation -> never automatic; no parent -> promote; a parent that could not be
-    validated -> promote; else promote when new >= parent - tolerance (docs/backend.md, "Promotion")."""
-    if new_dice is None or not math.isfinite(new_dice):
-        return False, "no validation case has a final label, so the version was not promoted automatically; promote it by hand"
+# The interval of the mean paired difference: a percentile bootstrap over the validation cases, seeded so that the
+# same per-case numbers always give the same decision.
+CONFIDENCE = 0.95
+RESAMPLES = 4000
+BOOTSTRAP_SEED = 0
+
+
+def paired_difference(new: dict[str, float], parent: dict[str, float], confidence: float = CONFIDENCE,
+                      resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED) -> dict:
+    """Per-case Dice of a new version and its parent on the same validation cases → the mean paired difference
+    (new − parent) and its `confidence` percentile-bootstrap interval (cases resampled with replacement), with every
+    number the decision used. Cases scored by only one of the two are refused."""
+    if set(new) != set(parent):
+        raise ValueError(f"the two versions were validated on different cases: {sorted(set(new) ^ set(parent))}")
+    if not new:
+        raise ValueError("no validation case to compare on")
+    if not 0.0 < confidence < 1.0 or resamples < 1:
+        raise ValueError(f"confidence must be in (0, 1) and resamples >= 1, got {confidence}, {resamples}")
+    cases = sorted(new)
+    d = np.array([new[c] - parent[c] for c in cases], np.float64)
+    means = d[np.random.default_rng(seed).integers(0, d.size, (resamples, d.size))].mean(axis=1)
+    alpha = (1.0 - confidence) / 2.0
+    lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
+    return {"cases": cases, "new": [float(new[c]) for c in cases], "parent": [float(parent[c]) for c in cases],
+            "mean_new": float(np.mean([new[c] for c in cases])), "mean_parent": float(np.mean([parent[c] for c in cases])),
+            "mean_difference": float(d.mean()), "interval": [float(lo), float(hi)], "confidence": confidence,
+            "resamples": int(resamples), "seed": int(seed), "n_cases": len(cases)}
+
+
+def promotion_decision(new: dict[str, float] | None, parent_scores: dict[str, float] | None, parent: str | None,
+                       tolerance: float) -> tuple[bool, str, dict | None]:
+    """(promote?, reason, the comparison's numbers or None) from per-case validation Dice (case -> Dice).
+
+    No validation -> never automatic; no parent -> promote; a parent that could not be validated -> promote; else a
+    non-inferiority rule on the paired per-case differences: promote when the lower end of the bootstrap interval
+    of the mean difference (new − parent) is at least −tolerance, i.e. the new version is, with that confidence,
+    not worse than its parent by more than the tolerance (docs/backend.md, "Promotion"). One mean against a
+    tolerance on a handful of cases is a coin toss; the interval widens when the cases disagree.
+    """
+    if not new or not all(math.isfinite(v) for v in new.values()):
+        return (False, "no validation case has a final label, so the version was not promoted automatically; "
+                "promote it by hand", None)
+    mean_new = float(np.mean(list(new.values())))
     if parent is None:
-        return True, f"first model version (validation Dice {new_dice:.4f})"
-    if parent_dice is None or not math.isfinite(parent_dice):
-        return True, f"validation Dice {new_dice:.4f}; the parent {parent} could not be validated"
-    if new_dice >= parent_dice - tolerance:
-        return True, (f"validation Dice {new_dice:.4f} vs {parent_dice:.4f} for {parent} "
-                      f"(change {new_dice - parent_dice:+.4f}, tolerance {tolerance})")
-    return False, (f"not promoted: validation Dice dropped from {parent_dice:.4f} ({parent}) to {new_dice:.4f} "
-                   f"({new_dice - parent_dice:+.4f}, more than the tolerance {tolerance})")
+        return True, f"first model version (validation Dice {mean_new:.4f})", None
+    if not parent_scores or not all(math.isfinite(v) for v in parent_scores.values()):
+        return True, f"validation Dice {mean_new:.4f}; the parent {parent} could not be validated", None
+    c = paired_difference(new, parent_scores)
+    c["tolerance"] = float(tolerance)
+    c["rule"] = "promote when the interval's lower end >= -tolerance"
+    lo, hi = c["interval"]
+    numbers = (f"validation Dice {c['mean_new']:.4f} vs {c['mean_parent']:.4f} for {parent} on {c['n_cases']} cases, "
+               f"paired change {c['mean_difference']:+.4f} ({c['confidence']:.0%} interval {lo:+.4f} to {hi:+.4f}), "
+               f"tolerance {tolerance}")
+    if lo >= -tolerance:
+        return True, numbers, c
+    return False, f"not promoted: possibly worse than the parent: {numbers}", c
 
 
 class ModelRegistry:

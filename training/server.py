@@ -336,21 +336,33 @@ class _BodyLimit:
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.limit:
+            await self._drain(receive, int(length))
             return await self._reject(send)
         received = 0
-        started = False
+        started = over = False
 
         async def limited_receive():
-            nonlocal received
+            nonlocal received, over
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
+                    over = True
                     raise _TooLarge()
             return message
 
+        async def refuse():
+            nonlocal started
+            started = True
+            await self._drain(receive, received)
+            await self._reject(send)
+
         async def tracking_send(message):
             nonlocal started
+            if over:  # the app's own answer to the cut-off body (FastAPI makes any body error a 400): ours instead
+                if message["type"] == "http.response.start" and not started:
+                    await refuse()
+                return
             if message["type"] == "http.response.start":
                 started = True
             await send(message)
@@ -359,13 +371,34 @@ class _BodyLimit:
             await self.app(scope, limited_receive, tracking_send)
         except _TooLarge:
             if not started:
-                await self._reject(send)
+                await refuse()
+
+    @staticmethod
+    async def _drain(receive, announced: int) -> None:
+        """Read and drop the rest of a refused body, so that a client still sending it gets to read the 413 (a
+        server that answers and closes mid-upload resets the connection, and the client sees a broken pipe instead
+        of the reason). Nothing is kept; a body beyond DRAIN_BYTES is not read, and that client sees the reset."""
+        if announced > DRAIN_BYTES:
+            return
+        read = 0
+        while read <= DRAIN_BYTES:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            read += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
 
     async def _reject(self, send):
         body = json.dumps({"detail": f"upload larger than the limit of {self.limit / 2**20:.1f} MB"}).encode()
         await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
+
+
+# How much of a refused upload the server reads (and drops) to answer it cleanly: a few times any sane limit.
+DRAIN_BYTES = 256 * 2**20
 
 
 class _TooLarge(Exception):

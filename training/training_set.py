@@ -76,3 +76,15 @@ def load_training_set(store: Datastore, snapshot: dict) -> tuple[list[Sample], l
         lab = read_label(store.abs(_revision(store, rev)["path"])).array
         val.append(Sample(case_id, image.array.astype(np.float32), lab, np.ones(image.shape, np.uint8)))
     return samples, val
+
+
+def corrected_samples(store: Datastore, snapshot: dict) -> list[Sample]:
+    """The train samples of a snapshot that a correction made known only in part (the reviewed voxels), as
+    load_training_set builds them; the cases whose revisions include no correction are not read."""
+    revs = [r for rs in snapshot["train"].values() for r in rs]
+    corrected = {row["case_id"] for row in store.db.execute(
+        f"SELECT case_id FROM labels WHERE kind = 'correction' AND revision IN ({','.join('?' * len(revs))})",
+        [int(r) for r in revs])} if revs else set()
+    sub = {"train": {c: rs for c, rs in snapshot["train"].items() if c in corrected}, "val": {}}
+    samples, _ = load_training_set(store, sub)
+    return [s for s in samples if 0 < int(s.labeled_mask.sum()) < s.labeled_mask.size]

@@ -5,9 +5,11 @@ One job:
      (the `current` one when the job starts);
   2. fine-tune from the parent (or from scratch) with the chosen method (default BRL) through the shared Trainer,
      in this process or under `torchrun` with N processes (DDP);
-  3. validate the best checkpoint and the parent on the same fixed validation cases;
-  4. publish the checkpoint as a new immutable version and promote it when its validation Dice does not drop by more
-     than the tolerance (compare-and-set against the parent, so a manual promotion meanwhile is never overridden);
+  3. validate the best checkpoint and the parent on the same fixed validation cases, and measure how much of each
+     correction in the training set each of them reproduces (retention);
+  4. publish the checkpoint as a new immutable version and promote it when, on the paired per-case differences, it
+     is not worse than the parent by more than the tolerance (registry.promotion_decision; compare-and-set against
+     the parent, so a manual promotion meanwhile is never overridden);
   5. after a promotion, re-score the unreviewed cases so `GET /cases/next` ranks them under the new model.
 
 A heartbeat thread refreshes the job row every couple of seconds and watches for cancellation; a worker that dies
@@ -39,18 +41,39 @@ from training.datastore import Conflict, Datastore, InvalidInput
 from training.jobs import JobFailed, build_train_config, resolve_train_params
 from training.registry import ModelRegistry, promotion_decision
 from training.strategies import record_score
-from training.training_set import load_training_set, training_snapshot
+from training.training_set import corrected_samples, load_training_set, training_snapshot
 
 
-def validation_dice(model, val_samples, patch_size, device="cpu", overlap: float = 0.25) -> float:
-    """Mean foreground Dice over fixed validation samples (one deterministic pass each)."""
+def validation_dices(model, val_samples, patch_size, device="cpu", overlap: float = 0.25) -> dict[str, float]:
+    """Foreground Dice per fixed validation case (one deterministic pass each): case_id -> Dice."""
     from SSLSegmentLib.ml.inference import Predictor
     from SSLSegmentLib.ml.metrics import dice
 
-    if not val_samples:
-        return math.nan
     predictor = Predictor(model, patch_size, passes=1, overlap=overlap, device=device)
-    return float(np.mean([dice(predictor(s.image).label > 0, s.label > 0) for s in val_samples]))
+    return {s.case_id: float(dice(predictor(s.image).label > 0, s.label > 0)) for s in val_samples}
+
+
+def retention(model, corrected, patch_size, device="cpu", overlap: float = 0.25) -> dict:
+    """How much of each correction a model reproduces: per corrected train case, the fraction of its reviewed
+    voxels where the model's label (one deterministic pass) equals the submitted label; with the lowest and the
+    voxel-weighted overall fraction. Empty when the training set holds no correction."""
+    from SSLSegmentLib.ml.inference import Predictor
+
+    if not corrected:
+        return {}
+    predictor = Predictor(model, patch_size, passes=1, overlap=overlap, device=device)
+    per_case, voxels, agree = {}, {}, 0
+    for s in corrected:
+        reviewed = s.labeled_mask > 0
+        same = int((predictor(s.image).label[reviewed] == s.label[reviewed]).sum())
+        per_case[s.case_id], voxels[s.case_id] = same / int(reviewed.sum()), int(reviewed.sum())
+        agree += same
+    return {"per_case": per_case, "reviewed_voxels": voxels, "min": min(per_case.values()),
+            "overall": agree / sum(voxels.values())}
+
+
+def _mean(scores: dict[str, float] | None) -> float | None:
+    return float(np.mean(list(scores.values()))) if scores else None
 
 
 def score_cases(store: Datastore, model, version: str, patch_size, passes: int, device="cpu",
@@ -244,13 +267,17 @@ class Worker:
 
         device = pick_device(config.device)
         new_model, new_ckpt = model_from_checkpoint(best, device=device)
-        new_dice = validation_dice(new_model, val, config.patch_size, device, config.val_overlap)
-        parent_dice = None
-        if parent is not None and val:
+        new_scores = validation_dices(new_model, val, config.patch_size, device, config.val_overlap)
+        corrected = corrected_samples(store, snapshot)
+        kept = retention(new_model, corrected, config.patch_size, device, config.val_overlap)
+        parent_scores, parent_kept = None, {}
+        if parent is not None:
             parent_model, parent_ckpt = model_from_checkpoint(registry.model_path(parent), device=device)
-            parent_dice = validation_dice(parent_model, val, checkpoint_patch_size(parent_ckpt), device,
-                                          config.val_overlap)
-        promote, reason = promotion_decision(new_dice, parent_dice, parent, float(params["tolerance"]))
+            parent_patch = checkpoint_patch_size(parent_ckpt)
+            parent_scores = validation_dices(parent_model, val, parent_patch, device, config.val_overlap) or None
+            parent_kept = retention(parent_model, corrected, parent_patch, device, config.val_overlap)
+        new_dice, parent_dice = _mean(new_scores), _mean(parent_scores)
+        promote, reason, comparison = promotion_decision(new_scores, parent_scores, parent, float(params["tolerance"]))
         if cancel.is_set():
             raise _Cancelled("cancelled before publishing")
 
@@ -264,7 +291,8 @@ class Worker:
         metrics = {"val_dice": _finite(new_dice), "parent_val_dice": _finite(parent_dice),
                    "trainer_best_val_dice": _finite(fit.get("best_val_dice")), "best_step": fit.get("best_step"),
                    "final_loss": _finite(fit.get("final_loss")), "train_seconds": round(train_s, 2),
-                   "iterations": config.iterations, "nproc": nproc}
+                   "iterations": config.iterations, "nproc": nproc, "val_dice_per_case": new_scores,
+                   "promotion": comparison, "retention": kept, "parent_retention": parent_kept}
         store.update_progress(job_id, {"phase": "publishing", "step": config.iterations, "iterations": config.iterations})
         model = registry.add_version(best, {
             "parent": parent, "init": init_version, "method": config.method, "metrics": metrics,
@@ -288,6 +316,7 @@ class Worker:
         return {"model_version": version, "promoted": promoted, "reason": reason, "val_dice": _finite(new_dice),
                 "parent": parent, "parent_val_dice": _finite(parent_dice), "best_step": fit.get("best_step"),
                 "train_seconds": round(train_s, 2), "n_scored": n_scored, "history": fit.get("history", []),
+                "retention": kept, "parent_retention": parent_kept, "promotion": comparison,
                 "ranks": fit.get("ranks", [])}
 
     def _fit_local(self, job_id, config, snapshot, init_path, scratch, cancel) -> dict:

@@ -59,6 +59,8 @@ class TrainConfig:
     pretrain_iterations: the first steps of the run train on labeled-only copy-paste mixes with the supervised loss
         (BCP's pre-training stage; methods/copy_paste.py), whatever the method; needs batch_labeled >= 2. The EMA
         teacher follows the student through them, so the method's stage starts from a teacher of the pre-trained model.
+    reviewed_patch_share: the probability that a patch of a corrected case (labeled only where reviewed) is centred
+        on a reviewed voxel (PatchSampler); other cases are cropped uniformly.
     """
 
     method: str = "brl"
@@ -82,6 +84,7 @@ class TrainConfig:
     device: str = "auto"
     augment: bool = True
     pretrain_iterations: int = 0
+    reviewed_patch_share: float = 0.5
 
     def __post_init__(self) -> None:
         self.patch_size = tuple(int(p) for p in self.patch_size)
@@ -95,6 +98,8 @@ class TrainConfig:
             raise ValueError("iterations and batch_labeled must be >= 1, batch_unlabeled >= 0")
         if not 0 <= self.pretrain_iterations < self.iterations:
             raise ValueError(f"pretrain_iterations must be in [0, iterations), got {self.pretrain_iterations}")
+        if not 0.0 <= self.reviewed_patch_share <= 1.0:
+            raise ValueError(f"reviewed_patch_share must be in [0, 1], got {self.reviewed_patch_share}")
         if self.pretrain_iterations and self.batch_labeled < 2:
             raise ValueError("labeled-only copy-paste pre-training pairs labeled patches: batch_labeled must be >= 2")
         from SSLSegmentLib.ml.methods import available_methods
@@ -133,20 +138,46 @@ class PatchSampler:
     RandFlipd and RandRotate90d; done here directly on views of the volumes, a step costs two small copies per patch
     instead of dictionary transforms and a whole-volume dtype conversion per sample. Image, label and labeled_mask
     get the same crop and the same turns. Deterministic given the seed.
+
+    reviewed_share: for a sample labeled only in part (a correction: labeled_mask marks the reviewed voxels), the
+    probability that the crop is centred on one of its reviewed voxels (uniform over them, the crop then moved inside
+    the volume) instead of uniform; as MONAI's RandCropByPosNegLabeld with the reviewed mask as the positive set.
+    A corrected region is a few percent of the case, so a uniform crop would hold it only now and then. Fully
+    labeled and unlabeled samples are cropped uniformly and draw the same random numbers as without the option.
     """
 
-    def __init__(self, patch_size, augment: bool, seed: int):
+    def __init__(self, patch_size, augment: bool, seed: int, reviewed_share: float = 0.0):
         self.patch_size = tuple(int(p) for p in patch_size)
         if len(self.patch_size) != 3 or min(self.patch_size) < 1:
             raise ValueError(f"patch_size must be three positive sizes (z, y, x), got {patch_size}")
+        if not 0.0 <= reviewed_share <= 1.0:
+            raise ValueError(f"reviewed_share is a probability and must be in [0, 1], got {reviewed_share}")
         self.augment = bool(augment)
         self.turns = self.augment and self.patch_size[1] == self.patch_size[2]
+        self.reviewed_share = float(reviewed_share)
         self.rng = np.random.default_rng(seed)
+        self._reviewed: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
 
-    def draw(self, shape) -> dict:
-        """The random choices for one patch of a volume of `shape` (z, y, x), after padding to the patch."""
+    def reviewed_voxels(self, labeled_mask: np.ndarray) -> np.ndarray | None:
+        """Flat indices of a partly labeled mask's labeled voxels; None when it is all or nothing (cached per array;
+        the cache holds the array, so its id is not reused while the entry lives)."""
+        key = id(labeled_mask)
+        if key not in self._reviewed:
+            flat = np.flatnonzero(np.asarray(labeled_mask).reshape(-1))
+            partial = 0 < flat.size < labeled_mask.size
+            self._reviewed[key] = (labeled_mask, flat if partial else None)
+        return self._reviewed[key][1]
+
+    def draw(self, shape, reviewed: np.ndarray | None = None) -> dict:
+        """The random choices for one patch of a volume of `shape` (z, y, x), after padding to the patch; with
+        `reviewed` (flat indices into the unpadded volume) the crop may be centred on one of them."""
         size = [max(int(n), p) for n, p in zip(shape, self.patch_size)]
-        start = [int(self.rng.integers(0, n - p + 1)) for n, p in zip(size, self.patch_size)]
+        if reviewed is not None and self.reviewed_share > 0 and self.rng.random() < self.reviewed_share:
+            centre = np.unravel_index(int(reviewed[self.rng.integers(0, reviewed.size)]), tuple(int(n) for n in shape))
+            start = [int(min(max(c + (m - int(n)) // 2 - p // 2, 0), m - p))
+                     for c, n, m, p in zip(centre, shape, size, self.patch_size)]
+        else:
+            start = [int(self.rng.integers(0, n - p + 1)) for n, p in zip(size, self.patch_size)]
         flips: list[int] = []
         k = 0
         if self.augment:
@@ -179,7 +210,8 @@ class PatchSampler:
         if not volumes[0].shape == volumes[1].shape == volumes[2].shape:
             raise ValueError(f"sample {sample.case_id}: image, label and labeled_mask differ in shape "
                              f"{[tuple(v.shape) for v in volumes]}")
-        params = self.draw(volumes[0].shape)
+        reviewed = self.reviewed_voxels(sample.labeled_mask) if self.reviewed_share > 0 else None
+        params = self.draw(volumes[0].shape, reviewed)
         return tuple(self.apply(v, params) for v in volumes)
 
 
@@ -269,7 +301,8 @@ class Trainer:
         self.optimizer = torch.optim.SGD(
             self.student.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
         )
-        self.patches = PatchSampler(config.patch_size, config.augment, config.seed * 7919 + self.rank)
+        self.patches = PatchSampler(config.patch_size, config.augment, config.seed * 7919 + self.rank,
+                                    config.reviewed_patch_share)
         bu = config.batch_unlabeled if self.method.uses_unlabeled else 0
         self.sampler = TwoStreamSampler(samples, config.batch_labeled, bu, config.seed * 104729 + self.rank)
         self.generator = torch.Generator().manual_seed(config.seed * 31 + self.rank)
