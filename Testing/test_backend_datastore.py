@@ -546,3 +546,18 @@ def test_an_index_made_before_the_shown_map_was_recorded_is_upgraded_in_place(st
                                 author="alice", reviewed_mask=_grid_volume(reopened, cid, mask),
                                 uncertainty_kind="mutual_information", threshold=0.4)
     assert rev["uncertainty_kind"] == "mutual_information" and rev["threshold"] == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"max_voxels": "many"}, "must be an integer"), ({"max_voxels": 0}, r"finite number in \[1, inf\]"),
+    ({"max_voxels": 1.5}, "must be an integer"), ({"lease_s": float("nan")}, "finite number"),
+    ({"tolerance": 2}, r"in \[-1, 1\]"), ({"score_passes": True}, "must be an integer"),
+    ({"train": 3}, "group of settings"), ({"max_upload_mb": -1}, "finite number"),
+])
+def test_settings_keep_their_kind_and_range(tmp_path, change, message):
+    store = Datastore(tmp_path / "store", create=True)
+    before = store.settings
+    with pytest.raises(InvalidInput, match=message):
+        store.update_settings(change)
+    assert store.settings == before  # nothing of a refused change is kept
+    assert store.update_settings({"tolerance": -0.5, "max_voxels": 1000})["max_voxels"] == 1000

@@ -15,6 +15,7 @@ from SSLSegmentLib.data.imageio import read_volume, write_volume
 from SSLSegmentLib.data.volume import Volume
 from SSLSegmentLib.review.client import ValidationError
 from SSLSegmentLib.review.local_backend import LocalBackend
+from SSLSegmentLib.data.imageio import DEFAULT_MAX_VOXELS
 from training.datastore import Datastore, import_folder
 
 TRAIN = {"network": TINY_NET, "patch_size": list(TINY_PATCH), "iterations": 30, "val_interval": 10, "device": "cpu"}
@@ -187,3 +188,92 @@ def test_an_upload_over_the_limit_is_answered_413_even_while_the_client_is_still
     assert resp.status == 413 and "limit" in json.loads(resp.read())["detail"]
     conn.close()
     assert "big" not in [c["case_id"] for c in backend.client().list_cases()]
+
+
+def test_a_full_index_answers_507_and_keeps_no_file_of_the_refused_write(tmp_path, tiny_dataset):
+    """The index capped at its present size (SSLSEGMENT_INDEX_MAX_MB; past it SQLite reports SQLITE_FULL as on a
+    full disk): uploads and corrections are stored until one no longer fits; that one gets a 507 with a message and
+    leaves nothing on disk or in the index; reads still work; with room again the same request succeeds."""
+    from training.datastore import INDEX_QUOTA_ENV
+
+    root = tmp_path / "store"
+    store = Datastore(root, create=True)
+    import_folder(store, tiny_dataset, labels="train:2")
+    case = store.cases("train")[0]["case_id"]
+    grid = store.grid(case)
+    label = write_volume(Volume(np.zeros(grid.shape, np.uint8), grid.geometry), tmp_path / "label.nrrd")
+    mask = np.zeros(grid.shape, np.uint8)
+    mask[:4] = 1
+    mask = write_volume(Volume(mask, grid.geometry), tmp_path / "mask.nrrd")
+    rng = np.random.default_rng(1)
+    images = [write_volume(Volume(rng.random((8, 16, 16), dtype=np.float32)), tmp_path / f"new{i}.nrrd")
+              for i in range(60)]
+    store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    quota_mb = store.db.execute("PRAGMA page_count").fetchone()[0] * 4096 / 2**20
+    assert store.db.execute("PRAGMA page_size").fetchone()[0] == 4096
+
+    def files():
+        return {p for p in root.rglob("*") if p.is_file() and p.parent.name != "index" and "index" not in p.parts}
+
+    refused = {}
+    with LocalBackend(root, with_worker=False, env_overrides={INDEX_QUOTA_ENV: f"{quota_mb:.6f}"}).start() \
+            .wait_until_ready() as full:
+        client = full.client(timeout=60)
+        sends = {"upload": lambda i: client.upload_case(images[i], case_id=f"newcase{i:02d}"),
+                 "correction": lambda i: client.submit_label(case, label, kind="correction", reviewed_mask_path=mask)}
+        for what, send in sends.items():
+            for i in range(len(images)):
+                before = files()
+                try:
+                    send(i)
+                except Exception as exc:
+                    assert getattr(exc, "status", None) == 507 and "full" in str(exc), exc
+                    assert files() == before  # nothing of the refused write stays on disk
+                    refused[what] = i
+                    break
+            assert what in refused, f"the index never filled up with {what}s"
+        assert client.info()["n_cases"] == len(store.cases())  # reads are unaffected
+    stored = {c["case_id"] for c in store.cases()}
+    assert {f"newcase{i:02d}" for i in range(refused["upload"])} <= stored
+    assert f"newcase{refused['upload']:02d}" not in stored
+    report = store.check()
+    assert report["ok"] and report["unindexed"] == report["staging"] == report["uploads"] == []
+    with LocalBackend(root, with_worker=False).start().wait_until_ready() as roomy:
+        client = roomy.client(timeout=60)
+        i = refused["upload"]
+        assert client.upload_case(images[i], case_id=f"newcase{i:02d}")["case_id"] == f"newcase{i:02d}"
+        assert client.submit_label(case, label, kind="correction", reviewed_mask_path=mask)["kind"] == "correction"
+
+
+def test_datastore_check_reports_spooled_uploads_and_cleans_only_stale_ones(tmp_path):
+    import os
+    import time
+
+    from training.datastore import UPLOAD_PREFIX, UPLOAD_STALE_S
+
+    store = Datastore(tmp_path / "store", create=True)
+    stale, fresh = (store.upload_dir / f"{UPLOAD_PREFIX}{n}.nrrd" for n in ("old", "new"))
+    for p in (stale, fresh):
+        p.write_bytes(b"partial upload")
+    old = time.time() - UPLOAD_STALE_S - 60
+    os.utime(stale, (old, old))
+    report = store.check()
+    assert report["uploads"] == sorted(store.rel(p) for p in (stale, fresh))
+    store.check(clean=True)
+    assert not stale.exists() and fresh.exists()  # a young one may be a request in flight
+
+
+def test_an_image_over_the_voxel_cap_is_refused_from_its_header(backend, client, tmp_path):
+    """The datastore's max_voxels setting bounds what an upload may declare; the refusal names the size and the
+    limit, and the case is not registered."""
+    store = Datastore(backend.datastore)
+    image = write_volume(Volume(np.random.default_rng(2).random((10, 20, 30), dtype=np.float32)), tmp_path / "i.nrrd")
+    store.update_settings({"max_voxels": 5999})
+    try:
+        with pytest.raises(ValidationError) as err:
+            client.upload_case(image, case_id="capped")
+        assert err.value.status == 422 and "30x20x10 voxels is more than the limit of 5,999" in err.value.message
+        assert "capped" not in {c["case_id"] for c in client.list_cases()}
+    finally:
+        store.update_settings({"max_voxels": DEFAULT_MAX_VOXELS})
+    assert client.upload_case(image, case_id="capped")["case_id"] == "capped"

@@ -198,3 +198,32 @@ def test_job_without_labels_fails_with_reason(tmp_path, tiny_dataset):
     _worker(store.root).run(once=True)
     j = store.job(job["job_id"])
     assert j["status"] == "failed" and "no labeled" in j["error"] and ModelRegistry(store).models() == []
+
+
+def test_a_case_that_cannot_be_scored_after_a_promotion_leaves_the_job_consistent(tmp_path, tiny_dataset):
+    """Scoring runs after the promotion: an unreviewed case whose image is gone from disk is named in the job's
+    result, the others are scored, and the job that promoted its version is a succeeded job (it used to fail with
+    its version already current)."""
+    root = tmp_path / "store"
+    store = Datastore(root, create=True)
+    import_folder(store, tiny_dataset, labels="train:3")
+    store.update_settings({"train": TRAIN, "score_passes": 2})
+    unreviewed = store.unreviewed("train")
+    lost = unreviewed[0]
+    job = store.create_job({"init": "scratch", "iterations": 80, "val_interval": 80})
+    worker = threading.Thread(target=_worker(root).run, kwargs={"once": True})
+    worker.start()
+    # The training set is in memory once training runs; the image goes away before the scoring pass reads it.
+    while (store.job(job["job_id"]).get("progress") or {}).get("phase") != "training":
+        assert worker.is_alive(), store.job(job["job_id"])
+        time.sleep(0.01)
+    (root / store.case(lost)["image"]).unlink()
+    worker.join(timeout=300)
+    job = store.job(job["job_id"])
+    assert job["status"] == "succeeded", job["error"]
+    r = job["result"]
+    assert r["promoted"] and ModelRegistry(store).current == r["model_version"]
+    assert r["n_scored"] == len(unreviewed) - 1 and len(r["scoring_errors"]) == 1
+    assert r["scoring_errors"][0].startswith(f"{lost}: ")
+    scored = {c["case_id"]: c["score_model_version"] for c in store.cases("train") if c["case_id"] in unreviewed}
+    assert scored.pop(lost) is None and set(scored.values()) == {r["model_version"]}

@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import secrets
@@ -44,7 +45,15 @@ import numpy as np
 
 from SSLSegmentLib.data import contract
 from SSLSegmentLib.data.volume import Geometry, ImageError, Volume
-from SSLSegmentLib.data.imageio import IMAGE_SUFFIXES, fsync_dir, read_label, read_volume, strip_suffix, write_volume
+from SSLSegmentLib.data.imageio import (
+    DEFAULT_MAX_VOXELS,
+    IMAGE_SUFFIXES,
+    fsync_dir,
+    read_label,
+    read_volume,
+    strip_suffix,
+    write_volume,
+)
 
 SCHEMA_VERSION = 2
 INDEX_DIR = ".sslsegment"
@@ -69,6 +78,8 @@ DEFAULT_SETTINGS = {
     # How long GET /cases/next holds a case for one annotator.
     "lease_s": 900.0,
     "max_upload_mb": 512.0,
+    # Voxels an uploaded image may declare; its header is checked before a voxel is decoded (imageio.read_volume).
+    "max_voxels": DEFAULT_MAX_VOXELS,
     "num_classes": 2,
     # Defaults of POST /train; request parameters override them.
     "train": {
@@ -164,6 +175,52 @@ CREATE TABLE IF NOT EXISTS inferences (
 
 # Columns added after schema version 1: (table, column, SQL type). Added in place to older indexes.
 _ADDED_COLUMNS = (("labels", "uncertainty_kind", "TEXT"), ("labels", "threshold", "REAL"))
+
+
+
+# Spooled uploads: the prefix names them; --clean removes those older than this (none is in flight that long).
+UPLOAD_PREFIX = "upload-"
+UPLOAD_STALE_S = 3600.0
+
+# An operator's cap on the index (a quota on a shared server): past it a write fails as on a full disk, nothing of it
+# is kept, and the API answers 507. Unset: the disk is the limit.
+INDEX_QUOTA_ENV = "SSLSEGMENT_INDEX_MAX_MB"
+
+
+def _check_setting(key: str, value) -> None:
+    """A scalar setting keeps its default's kind: a finite number >= 0 (an integer where the default is one; the
+    voxel cap at least 1), a string, a bool. Refused otherwise, so a typo never reaches a request that reads it."""
+    default = DEFAULT_SETTINGS[key]
+    if isinstance(default, dict):
+        if not isinstance(value, dict):
+            raise InvalidInput(f"setting {key!r} is a group of settings (an object), got {value!r}")
+        return
+    if isinstance(default, bool) or isinstance(default, str):
+        if type(value) is not type(default):
+            raise InvalidInput(f"setting {key!r} must be a {type(default).__name__}, got {value!r}")
+        return
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, int) and not (number and float(value).is_integer()):
+        raise InvalidInput(f"setting {key!r} must be an integer, got {value!r}")
+    low, high = {"max_voxels": (1, math.inf), "tolerance": (-1, 1)}.get(key, (0, math.inf))
+    if not (number and math.isfinite(value) and low <= value <= high):
+        raise InvalidInput(f"setting {key!r} must be a finite number in [{low}, {high}], got {value!r}")
+
+
+def index_quota_pages(conn: sqlite3.Connection) -> int | None:
+    """The index's page cap from SSLSEGMENT_INDEX_MAX_MB (None when unset); a value that is not a positive number
+    is refused, so a typo never silently removes the cap."""
+    value = os.environ.get(INDEX_QUOTA_ENV)
+    if not value:
+        return None
+    try:
+        mb = float(value)
+    except ValueError:
+        mb = math.nan
+    if not (math.isfinite(mb) and mb > 0):
+        raise ValueError(f"{INDEX_QUOTA_ENV} must be a positive number of MB, got {value!r}")
+    page = conn.execute("PRAGMA page_size").fetchone()[0]
+    return max(1, int(mb * 2**20 // page))
 
 
 class DatastoreError(RuntimeError):
@@ -387,6 +444,13 @@ class Datastore:
 
     # -- SQLite plumbing ------------------------------------------------------------------------------------
     @property
+    def upload_dir(self) -> Path:
+        """Where the server spools uploads while it checks them (UPLOAD_PREFIX files; removed on every path)."""
+        path = self.index_dir / "uploads"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
     def db(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
@@ -396,6 +460,9 @@ class Datastore:
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
             conn.execute("PRAGMA busy_timeout=30000")
+            quota = index_quota_pages(conn)
+            if quota is not None:
+                conn.execute(f"PRAGMA max_page_count = {quota}")
             self._local.conn = conn
         return conn
 
@@ -407,10 +474,18 @@ class Datastore:
         try:
             yield db
         except BaseException:
-            db.execute("ROLLBACK")
+            # SQLite rolls back by itself on some errors (SQLITE_FULL among them); a second ROLLBACK would fail and
+            # hide the error that matters.
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
         else:
-            db.execute("COMMIT")
+            try:
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
@@ -446,6 +521,8 @@ class Datastore:
         unknown = [k for k in changes if k not in DEFAULT_SETTINGS]
         if unknown:
             raise InvalidInput(f"unknown setting(s) {unknown}; known: {sorted(DEFAULT_SETTINGS)}")
+        for key, value in changes.items():
+            _check_setting(key, value)
         with self.transaction() as db:
             merged = _merge(_merge(DEFAULT_SETTINGS, self.get_meta(db, "settings", {})), changes)
             self.set_meta(db, "settings", merged)
@@ -488,7 +565,7 @@ class Datastore:
         source = Path(source)
         suffix = image_suffix(filename or source.name)
         try:
-            vol = read_volume(source)
+            vol = read_volume(source, max_voxels=int(self.settings["max_voxels"]))
         except ImageError as exc:
             raise InvalidInput(str(exc).replace(str(source), filename or source.name)) from None
         digest = sha256_file(source)
@@ -504,19 +581,27 @@ class Datastore:
         other = [p for p in (self.root / f"{case_id}{s}" for s in IMAGE_SUFFIXES) if p.exists()]
         if other and other[0] != dest:
             raise Conflict(f"an image file for {case_id!r} already exists ({other[0].name})")
-        if not dest.exists():
+        placed = not dest.exists()
+        if placed:
             self._place_file(source, dest, move=move)
         elif sha256_file(dest) != digest:
             raise Conflict(f"{dest.name} exists with different content but is not indexed; run datastore-check")
         split = split or hash_split(case_id, self.split_seed, self.split_ratios)
-        with self.transaction() as db:
-            if db.execute("SELECT 1 FROM cases WHERE case_id = ?", (case_id,)).fetchone():
-                return self.case(case_id), False  # a concurrent identical upload won
-            db.execute(
-                "INSERT INTO cases(case_id, split, image, sha256, shape, geometry, created) VALUES (?,?,?,?,?,?,?)",
-                (case_id, split, dest.name, digest, json.dumps(list(vol.shape)), json.dumps(vol.geometry.to_dict()),
-                 time.time()),
-            )
+        try:
+            with self.transaction() as db:
+                if db.execute("SELECT 1 FROM cases WHERE case_id = ?", (case_id,)).fetchone():
+                    return self.case(case_id), False  # a concurrent identical upload won
+                db.execute(
+                    "INSERT INTO cases(case_id, split, image, sha256, shape, geometry, created) VALUES (?,?,?,?,?,?,?)",
+                    (case_id, split, dest.name, digest, json.dumps(list(vol.shape)), json.dumps(vol.geometry.to_dict()),
+                     time.time()),
+                )
+        except BaseException:
+            # Not indexed (disk or index full, ...): take back the file this call placed, unless a concurrent
+            # identical upload indexed it meanwhile.
+            if placed and not self.db.execute("SELECT 1 FROM cases WHERE image = ?", (dest.name,)).fetchone():
+                dest.unlink(missing_ok=True)
+            raise
         return self.case(case_id), True
 
     def _place_file(self, source: Path, dest: Path, move: bool) -> None:
@@ -652,8 +737,8 @@ class Datastore:
     def read_label_upload(self, case_id: str, path: Path, what: str) -> Volume:
         """Read an uploaded label or mask and check it against the case's grid and the class count."""
         grid = self.grid(case_id)
-        try:
-            vol = read_label(path)
+        try:  # a label of this case has exactly its voxels: a header that declares more is refused undecoded
+            vol = read_label(path, max_voxels=int(np.prod(grid.shape)))
         except ImageError as exc:
             raise InvalidInput(str(exc).replace(str(path), what)) from None
         grid.check(vol, what)
@@ -721,10 +806,29 @@ class Datastore:
         else:
             rel_label, rel_mask, rel_unc = self._write_whole_label(case_id, kind, Volume(lab, geom)), None, None
         digest = sha256_file(self.abs(rel_label))
+        # This submission's own files: a correction's published folder, or a whole label's file.
+        written = self.abs(rel_label).parent if kind == "correction" else self.abs(rel_label)
+        try:
+            revision = self._index_label(case_id, kind, author, model_version, rel_label, rel_mask, rel_unc,
+                                         uncertainty_kind, threshold, mask, lab, submission_id, digest)
+        except BaseException:
+            self._discard(written)  # nothing indexed points at this submission's own files
+            raise
+        if not revision[1]:
+            self._discard(written)  # a concurrent retry won the race: its files are the indexed ones
+        return revision
+
+    @staticmethod
+    def _discard(path: Path) -> None:
+        """Remove what one submission wrote and nothing indexed points at (its folder or its file)."""
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+    def _index_label(self, case_id, kind, author, model_version, rel_label, rel_mask, rel_unc, uncertainty_kind,
+                     threshold, mask, lab, submission_id, digest) -> tuple[dict, bool]:
         with self.transaction() as db:
             if submission_id:
                 row = db.execute("SELECT * FROM labels WHERE submission_id = ?", (submission_id,)).fetchone()
-                if row is not None:  # a concurrent retry won the race; our files stay unindexed and unused
+                if row is not None:
                     return self._revision_dict(row), False
             cur = db.execute(
                 "INSERT INTO labels(case_id, kind, author, model_version, created, path, reviewed_mask, uncertainty, "
@@ -1063,10 +1167,17 @@ class Datastore:
         for p in (self.root / "models").glob("v*/model.pt"):
             if self.rel(p) not in indexed:
                 report["unindexed"].append(self.rel(p))
+        # Uploads a killed server left behind; a younger one may belong to a request in flight.
+        now = time.time()
+        uploads = [p for p in self.upload_dir.glob(f"{UPLOAD_PREFIX}*") if p.is_file()]
+        report["uploads"] = sorted(self.rel(p) for p in uploads)
         if clean:
             for rel in report["staging"]:
                 p = self.root / rel
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            for p in uploads:
+                if now - p.stat().st_mtime > UPLOAD_STALE_S:
+                    p.unlink(missing_ok=True)
         report["ok"] = report["integrity"] == "ok" and not report["missing"]
         return report
 

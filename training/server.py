@@ -20,10 +20,11 @@ import logging
 import math
 import os
 import shutil
+import sqlite3
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.encoders import jsonable_encoder
@@ -35,7 +36,9 @@ from SSLSegmentLib.data import contract
 from SSLSegmentLib.data.volume import ImageError
 
 from training.datastore import (
+    INDEX_QUOTA_ENV,
     JOB_STATES,
+    UPLOAD_PREFIX,
     SPLITS,
     Conflict,
     Datastore,
@@ -130,9 +133,13 @@ def save_upload(b: Backend, upload: UploadFile | None, what: str) -> Path:
         suffix = image_suffix(upload.filename)
     except InvalidInput as exc:
         raise HTTPException(415, str(exc)) from None
-    fd, tmp = tempfile.mkstemp(prefix="upload-", suffix=suffix, dir=b.upload_dir)
-    with os.fdopen(fd, "wb") as fh:
-        shutil.copyfileobj(upload.file, fh, 1 << 20)
+    fd, tmp = tempfile.mkstemp(prefix=UPLOAD_PREFIX, suffix=suffix, dir=b.upload_dir)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            shutil.copyfileobj(upload.file, fh, 1 << 20)
+    except BaseException:  # disk full mid-copy: no half upload stays behind
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return Path(tmp)
 
 
@@ -140,8 +147,28 @@ def _file(path: Path, filename: str | None = None) -> FileResponse:
     return FileResponse(path, filename=filename or path.name, media_type="application/octet-stream")
 
 
+# -- errors, as the schema documents them --------------------------------------------------------------------------
+class ErrorBody(BaseModel):
+    """Every refused request's body: a message naming what is wrong, or, for a request that does not fit the
+    schema, the list of its field errors."""
+
+    detail: str | list[dict[str, Any]]
+
+
+ERRORS = {code: {"model": ErrorBody, "description": text} for code, text in (
+    (400, "a malformed request: a bad query or a missing form field"),
+    (401, "missing or wrong bearer token"),
+    (404, "no such case, revision, inference, job or model version"),
+    (409, "the request conflicts with the current state (e.g. a lease, a running job, a promotion)"),
+    (413, "the body is larger than the upload limit"),
+    (415, "a file type the backend does not read"),
+    (422, "the request or the uploaded volume is invalid; the message says which field and why"),
+    (507, "the datastore's disk or index is full; nothing was stored"),
+)}
+
+
 # -- server ---------------------------------------------------------------------------------------------------
-server_router = APIRouter(tags=["server"])
+server_router = APIRouter(tags=["server"], responses=ERRORS)
 
 
 @server_router.get(f"{API}/health")
@@ -160,7 +187,7 @@ def info(b: B):
 
 
 # -- cases ----------------------------------------------------------------------------------------------------
-cases_router = APIRouter(prefix=f"{API}/cases", tags=["cases"], dependencies=AUTH)
+cases_router = APIRouter(prefix=f"{API}/cases", tags=["cases"], dependencies=AUTH, responses=ERRORS)
 
 
 @cases_router.post("", status_code=201)
@@ -182,7 +209,7 @@ def list_cases(b: B, split: Split | None = None):
     return {"cases": b.store.cases(split)}
 
 
-@cases_router.get("/next")
+@cases_router.get("/next", responses={204: {"description": "no unreviewed case left in the split"}})
 def next_case(b: B, strategy: StrategyName = "uncertainty", annotator: str = "anonymous", split: Split = "train"):
     _bad_request(validate_author, annotator)
     case = b.store.next_case(get_strategy(strategy), annotator, split)
@@ -206,7 +233,8 @@ def release(b: B, case_id: CaseId, annotator: str | None = None):
 
 
 # -- inference ------------------------------------------------------------------------------------------------
-inference_router = APIRouter(prefix=f"{API}/cases/{{case_id}}", tags=["inference"], dependencies=AUTH)
+inference_router = APIRouter(prefix=f"{API}/cases/{{case_id}}", tags=["inference"], dependencies=AUTH,
+                             responses=ERRORS)
 
 
 @inference_router.post("/infer")
@@ -225,7 +253,8 @@ def inference_volume(b: B, case_id: CaseId, inference_id: str, name: VolumeName)
 
 
 # -- labels ---------------------------------------------------------------------------------------------------
-labels_router = APIRouter(prefix=f"{API}/cases/{{case_id}}/labels", tags=["labels"], dependencies=AUTH)
+labels_router = APIRouter(prefix=f"{API}/cases/{{case_id}}/labels", tags=["labels"], dependencies=AUTH,
+                          responses=ERRORS)
 
 
 @labels_router.post("", status_code=201)
@@ -270,7 +299,7 @@ def label_file(b: B, case_id: CaseId, revision: int, name: Literal["label", "rev
 
 
 # -- training jobs --------------------------------------------------------------------------------------------
-train_router = APIRouter(prefix=f"{API}/train", tags=["train"], dependencies=AUTH)
+train_router = APIRouter(prefix=f"{API}/train", tags=["train"], dependencies=AUTH, responses=ERRORS)
 
 
 @train_router.post("", status_code=202)
@@ -296,7 +325,7 @@ def cancel_job(b: B, job_id: str):
 
 
 # -- models ---------------------------------------------------------------------------------------------------
-models_router = APIRouter(prefix=f"{API}/models", tags=["models"], dependencies=AUTH)
+models_router = APIRouter(prefix=f"{API}/models", tags=["models"], dependencies=AUTH, responses=ERRORS)
 
 
 @models_router.get("")
@@ -427,6 +456,19 @@ async def _request_invalid(request, exc: RequestValidationError):
     return JSONResponse({"detail": _finite(jsonable_encoder(exc.errors()))}, status_code=422)
 
 
+async def _index_error(request, exc: sqlite3.OperationalError):
+    # SQLITE_FULL: the disk or the index quota; the write was rolled back and its files taken back. A busy index
+    # (another process holds the write lock past the busy timeout) is worth a retry.
+    name = getattr(exc, "sqlite_errorname", "")
+    if name == "SQLITE_FULL":
+        return JSONResponse({"detail": f"the datastore index is full (disk or {INDEX_QUOTA_ENV}); nothing was "
+                                       "stored: free space and send it again"}, status_code=507)
+    if name in ("SQLITE_BUSY", "SQLITE_LOCKED"):
+        return JSONResponse({"detail": "the datastore index is busy; try again"}, status_code=503,
+                            headers={"Retry-After": "1"})
+    raise exc
+
+
 async def _storage_error(request, exc):
     # Disk full or permissions: nothing was indexed (rows commit only after files are in place).
     code = 507 if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) else 500
@@ -441,8 +483,7 @@ def create_app(datastore_dir: str | os.PathLike, token: str | None = None, *, ma
         token, _ = store.ensure_token()
     limit_mb = float(max_upload_mb if max_upload_mb is not None else store.settings["max_upload_mb"])
     registry = ModelRegistry(store)
-    upload_dir = store.index_dir / "uploads"
-    upload_dir.mkdir(parents=True, exist_ok=True)
+    upload_dir = store.upload_dir
     version = _version()
 
     app = FastAPI(title="SSLSegment backend", version=version,
@@ -456,6 +497,7 @@ def create_app(datastore_dir: str | os.PathLike, token: str | None = None, *, ma
         app.add_exception_handler(exc_type, _error(status))
     app.add_exception_handler(RequestValidationError, _request_invalid)
     app.add_exception_handler(OSError, _storage_error)
+    app.add_exception_handler(sqlite3.OperationalError, _index_error)
     for router in ROUTERS:
         app.include_router(router)
     return app

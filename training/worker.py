@@ -77,19 +77,26 @@ def _mean(scores: dict[str, float] | None) -> float | None:
 
 
 def score_cases(store: Datastore, model, version: str, patch_size, passes: int, device="cpu",
-                should_stop=lambda: False) -> int:
+                should_stop=lambda: False) -> tuple[int, list[str]]:
     """Score every unreviewed train case under `version` (the case score of training.strategies), so the
-    uncertainty orderings of `GET /cases/next` rank them under the new model."""
+    uncertainty orderings of `GET /cases/next` rank them under the new model. Returns (cases scored, errors).
+
+    It runs after the promotion, which stands whatever happens here: a case that cannot be scored (its image gone
+    or unreadable) keeps its former score, is named in the errors, and the others are still scored."""
     from SSLSegmentLib.ml.inference import Predictor
 
     predictor = Predictor(model, patch_size, passes=passes, device=device, version=version)
-    n = 0
+    n, errors = 0, []
     for case_id in store.unreviewed("train"):
         if should_stop():
             break
-        record_score(store, case_id, predictor(store.load_image(case_id)), version)
+        try:
+            record_score(store, case_id, predictor(store.load_image(case_id)), version)
+        except Exception as exc:
+            errors.append(f"{case_id}: {type(exc).__name__}: {exc}")
+            continue
         n += 1
-    return n
+    return n, errors
 
 
 class _Heartbeat(threading.Thread):
@@ -308,14 +315,18 @@ class Worker:
                 reason = f"not promoted: {exc}"
                 registry.set_decision(version, reason)
         self.log(f"job {job_id}: published {version} ({'promoted' if promoted else 'kept'}; {reason})")
-        n_scored = 0
+        n_scored, scoring_errors = 0, []
         passes = int(store.settings.get("score_passes", 0))
         if promoted and passes > 0:
             store.update_progress(job_id, {"phase": "scoring", "step": config.iterations, "iterations": config.iterations})
-            n_scored = score_cases(store, new_model, version, config.patch_size, passes, device, cancel.is_set)
+            n_scored, scoring_errors = score_cases(store, new_model, version, config.patch_size, passes, device,
+                                                   cancel.is_set)
+            for e in scoring_errors:
+                self.log(f"job {job_id}: not scored: {e}")
         return {"model_version": version, "promoted": promoted, "reason": reason, "val_dice": _finite(new_dice),
                 "parent": parent, "parent_val_dice": _finite(parent_dice), "best_step": fit.get("best_step"),
-                "train_seconds": round(train_s, 2), "n_scored": n_scored, "history": fit.get("history", []),
+                "train_seconds": round(train_s, 2), "n_scored": n_scored, "scoring_errors": scoring_errors,
+                "history": fit.get("history", []),
                 "retention": kept, "parent_retention": parent_kept, "promotion": comparison,
                 "ranks": fit.get("ranks", [])}
 

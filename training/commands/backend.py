@@ -58,7 +58,8 @@ def register(sub) -> None:
     p.add_argument("--datastore", required=True)
     p.set_defaults(func=cmd_token)
 
-    p = sub.add_parser("datastore-check", help="check a datastore's index and files; --clean removes staging leftovers")
+    p = sub.add_parser("datastore-check", help="check a datastore's index and files; --clean removes staging "
+                       "leftovers and uploads older than an hour")
     p.add_argument("--datastore", required=True)
     p.add_argument("--clean", action="store_true")
     p.set_defaults(func=cmd_check)
