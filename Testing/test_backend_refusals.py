@@ -277,3 +277,46 @@ def test_an_image_over_the_voxel_cap_is_refused_from_its_header(backend, client,
     finally:
         store.update_settings({"max_voxels": DEFAULT_MAX_VOXELS})
     assert client.upload_case(image, case_id="capped")["case_id"] == "capped"
+
+
+def _raw_request(backend, head: str, body: bytes = b"", pause_s: float = 0.0, timeout: float = 10.0) -> str:
+    """Send a hand-made request on a socket and return the first response line (what a client reads first)."""
+    import socket
+    import time
+    import urllib.parse
+
+    url = urllib.parse.urlsplit(backend.base_url)
+    with socket.create_connection((url.hostname, url.port), timeout=timeout) as sock:
+        sock.sendall(head.replace("\n", "\r\n").encode() + b"\r\n")
+        if pause_s:
+            time.sleep(pause_s)
+        if body:
+            sock.sendall(body)
+        return sock.makefile("rb").readline().decode().strip()
+
+
+def test_the_token_is_checked_before_the_body_is_asked_for(backend):
+    """An upload with a wrong token is answered 401 from its headers: a client waiting with `Expect: 100-continue`
+    is never asked for its body (the form used to be parsed, and the body asked for, before the token check)."""
+    head = (f"POST /api/v1/cases HTTP/1.1\nHost: x\nAuthorization: Bearer wrong\nExpect: 100-continue\n"
+            f"Content-Type: multipart/form-data; boundary=B\nContent-Length: 500000\n")
+    assert _raw_request(backend, head).startswith("HTTP/1.1 401")
+    ok = head.replace("Bearer wrong", f"Bearer {backend.token}")
+    assert _raw_request(backend, ok).startswith("HTTP/1.1 100")  # with the token the server does ask for it
+
+
+def test_a_body_that_stops_arriving_is_answered_408(tmp_path):
+    """A slow-drip client (headers, a few bytes, then nothing) holds the connection only for the body timeout."""
+    with LocalBackend(tmp_path / "store", with_worker=False, serve_args=["--body-timeout-s", "1"]).start() \
+            .wait_until_ready() as slow:
+        head = (f"POST /api/v1/cases HTTP/1.1\nHost: x\nAuthorization: Bearer {slow.token}\n"
+                f"Content-Type: multipart/form-data; boundary=B\nContent-Length: 5000\n")
+        line = _raw_request(slow, head, body=b"--B\r\n", timeout=20)
+        assert line.startswith("HTTP/1.1 408"), line
+        assert slow.client().list_cases() == []
+
+
+def test_the_server_says_where_the_token_is_and_never_logs_it(backend):
+    log = (backend.log_dir / "serve.log").read_text()
+    assert "API token in" in log and str(Datastore(backend.datastore).token_path) in log
+    assert backend.token not in log

@@ -13,6 +13,7 @@ datastore, which writes atomically and never lets a client-sent string become a 
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import hmac
 import json
@@ -101,12 +102,18 @@ def backend(request: Request) -> Backend:
     return request.app.state.backend
 
 
+UNAUTHORISED = "missing or wrong bearer token (see `sslsegment token --datastore DIR`)"
+
+
+def token_matches(authorization: str, token: str) -> bool:
+    """The one token rule: `Authorization: Bearer <token>`, compared in constant time."""
+    scheme, _, value = authorization.partition(" ")
+    return scheme.lower() == "bearer" and bool(value) and hmac.compare_digest(value.strip().encode(), token.encode())
+
+
 def require_token(request: Request) -> None:
-    token = backend(request).token
-    scheme, _, value = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not value or not hmac.compare_digest(value.strip().encode(), token.encode()):
-        raise HTTPException(401, "missing or wrong bearer token (see `sslsegment token --datastore DIR`)",
-                            headers={"WWW-Authenticate": "Bearer"})
+    if not token_matches(request.headers.get("authorization", ""), backend(request).token):
+        raise HTTPException(401, UNAUTHORISED, headers={"WWW-Authenticate": "Bearer"})
 
 
 def _bad_request(check, value):
@@ -353,42 +360,69 @@ ROUTERS = (server_router, cases_router, inference_router, labels_router, train_r
 
 
 # -- the app --------------------------------------------------------------------------------------------------
-class _BodyLimit:
-    """ASGI middleware: refuse request bodies over the limit with 413 before they are read into memory."""
+class _Door:
+    """ASGI middleware: what is decided before a request's body is parsed, so an unauthorised or oversized upload is
+    never spooled to disk or memory.
 
-    def __init__(self, app, limit_bytes: int):
-        self.app, self.limit = app, int(limit_bytes)
+    1. the token, for every route under the API prefix but the health check (the same `token_matches` rule as the
+       routes' own dependency): 401;
+    2. the size: a body over the limit, announced or streamed: 413;
+    3. the pace: a body that stops arriving for `body_timeout_s` between two pieces (a slow-drip client holding a
+       connection): 408.
+    A refused body is read and dropped (up to DRAIN_BYTES) before the answer, so a client still sending it reads
+    the answer instead of a reset connection."""
+
+    def __init__(self, app, limit_bytes: int, token: str, body_timeout_s: float):
+        self.app, self.limit, self.token, self.body_timeout_s = app, int(limit_bytes), token, float(body_timeout_s)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            await self._drain(receive, int(length))
-            return await self._reject(send)
+        path = scope.get("path", "")
+        # A client that sent `Expect: 100-continue` holds its body until asked, and asking (receive) is what would
+        # make the server say "100 Continue": such a body is refused unsent, not drained.
+        waiting = headers.get(b"expect", b"").lower() == b"100-continue"
+        announced = 0 if waiting else _announced(headers)
+        if path.startswith(API) and path != f"{API}/health" and not token_matches(
+                headers.get(b"authorization", b"").decode("latin-1"), self.token):
+            if not waiting:
+                await self._drain(receive, announced)
+            return await _answer(send, 401, UNAUTHORISED, [(b"www-authenticate", b"Bearer")])
+        if _announced(headers) > self.limit:
+            if not waiting:
+                await self._drain(receive, announced)
+            return await self._too_large(send)
         received = 0
-        started = over = False
+        started = cut = False
+        why: int | None = None
 
-        async def limited_receive():
-            nonlocal received, over
-            message = await receive()
+        async def guarded_receive():
+            nonlocal received, why, cut
+            try:
+                message = await asyncio.wait_for(receive(), self.body_timeout_s)
+            except asyncio.TimeoutError:
+                why, cut = 408, True
+                raise _Refused() from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
-                    over = True
-                    raise _TooLarge()
+                    why = 413
+                    raise _Refused()
             return message
 
         async def refuse():
             nonlocal started
             started = True
-            await self._drain(receive, received)
-            await self._reject(send)
+            if why == 413:
+                await self._drain(receive, received)
+                await self._too_large(send)
+            else:
+                await _answer(send, 408, f"the request body stopped arriving for {self.body_timeout_s:g} s")
 
         async def tracking_send(message):
             nonlocal started
-            if over:  # the app's own answer to the cut-off body (FastAPI makes any body error a 400): ours instead
+            if why is not None:  # the app's own answer to the cut-off body (FastAPI makes any body error a 400)
                 if message["type"] == "http.response.start" and not started:
                     await refuse()
                 return
@@ -397,16 +431,15 @@ class _BodyLimit:
             await send(message)
 
         try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
+            await self.app(scope, guarded_receive, tracking_send)
+        except _Refused:
             if not started:
                 await refuse()
 
     @staticmethod
     async def _drain(receive, announced: int) -> None:
-        """Read and drop the rest of a refused body, so that a client still sending it gets to read the 413 (a
-        server that answers and closes mid-upload resets the connection, and the client sees a broken pipe instead
-        of the reason). Nothing is kept; a body beyond DRAIN_BYTES is not read, and that client sees the reset."""
+        """Read and drop the rest of a refused body; a body beyond DRAIN_BYTES is not read, and that client sees
+        the connection reset."""
         if announced > DRAIN_BYTES:
             return
         read = 0
@@ -418,19 +451,30 @@ class _BodyLimit:
             if not message.get("more_body", False):
                 return
 
-    async def _reject(self, send):
-        body = json.dumps({"detail": f"upload larger than the limit of {self.limit / 2**20:.1f} MB"}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+    async def _too_large(self, send):
+        await _answer(send, 413, f"upload larger than the limit of {self.limit / 2**20:.1f} MB")
+
+
+def _announced(headers: dict) -> int:
+    length = headers.get(b"content-length")
+    return int(length) if length is not None and length.isdigit() else 0
+
+
+async def _answer(send, status: int, detail: str, headers: list | None = None) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close"), *(headers or [])]})
+    await send({"type": "http.response.body", "body": body})
 
 
 # How much of a refused upload the server reads (and drops) to answer it cleanly: a few times any sane limit.
 DRAIN_BYTES = 256 * 2**20
+# How long a request body may pause between two pieces before the server gives up on it.
+BODY_TIMEOUT_S = 60.0
 
 
-class _TooLarge(Exception):
+class _Refused(Exception):
     pass
 
 
@@ -476,7 +520,7 @@ async def _storage_error(request, exc):
 
 
 def create_app(datastore_dir: str | os.PathLike, token: str | None = None, *, max_upload_mb: float | None = None,
-               device: str = "auto", create: bool = True) -> FastAPI:
+               device: str = "auto", create: bool = True, body_timeout_s: float = BODY_TIMEOUT_S) -> FastAPI:
     """The FastAPI app for one datastore (created if missing when `create`). token None: the datastore's token."""
     store = Datastore(datastore_dir, create=create)
     if token is None:
@@ -492,7 +536,7 @@ def create_app(datastore_dir: str | os.PathLike, token: str | None = None, *, ma
     app.state.backend = Backend(store=store, registry=registry, inference=InferenceService(store, registry, device),
                                 submissions=SubmissionService(store), token=token, limit_mb=limit_mb, version=version,
                                 upload_dir=upload_dir)
-    app.add_middleware(_BodyLimit, limit_bytes=int(limit_mb * 2**20))
+    app.add_middleware(_Door, limit_bytes=int(limit_mb * 2**20), token=token, body_timeout_s=body_timeout_s)
     for exc_type, status in ((NotFound, 404), (Conflict, 409), (InvalidInput, 422), (ImageError, 422)):
         app.add_exception_handler(exc_type, _error(status))
     app.add_exception_handler(RequestValidationError, _request_invalid)
@@ -504,18 +548,18 @@ def create_app(datastore_dir: str | os.PathLike, token: str | None = None, *, ma
 
 
 def serve(datastore_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8765, *, max_upload_mb: float | None = None,
-          device: str = "auto", log_level: str = "info", announce=print) -> None:
-    """Run the server with uvicorn (blocking). Prints the token once, when it is first generated."""
+          device: str = "auto", log_level: str = "info", announce=print, body_timeout_s: float = BODY_TIMEOUT_S,
+          show_token: bool = False) -> None:
+    """Run the server with uvicorn (blocking). Says where the token is; prints the token itself only when asked
+    (`show_token`), since this output often ends up in a log."""
     import uvicorn
 
     store = Datastore(datastore_dir, create=True)
     token, created = store.ensure_token()
-    if created:
-        announce(f"API token (shown once; kept in {store.token_path}, mode 0600): {token}")
-    else:
-        announce(f"API token: see {store.token_path} (or `sslsegment token --datastore {store.root}`)")
+    where = f"{'new ' if created else ''}API token in {store.token_path} (owner only; `sslsegment token --datastore {store.root}`)"
+    announce(f"{where}: {token}" if show_token else where)
     if host not in ("127.0.0.1", "localhost", "::1"):
         announce(f"warning: listening on {host}, reachable from other machines; use TLS in front of it")
-    app = create_app(datastore_dir, token, max_upload_mb=max_upload_mb, device=device)
+    app = create_app(datastore_dir, token, max_upload_mb=max_upload_mb, device=device, body_timeout_s=body_timeout_s)
     announce(f"serving {store.root} on http://{host}:{port}{API}")
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from training.commands import parse_key_values
 
 import json
+import math
 from pathlib import Path
 
 
@@ -20,6 +21,9 @@ def register(sub) -> None:
                    help="promote a new version if its validation Dice drops by at most this (stored in the datastore)")
     p.add_argument("--device", default="auto", help="inference device")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--body-timeout-s", type=float, default=None,
+                   help="give up on a request body that pauses this long between two pieces (default 60)")
+    p.add_argument("--show-token", action="store_true", help="print the API token itself, not only where it is")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("worker", help="run the training worker for a datastore (claims queued jobs)")
@@ -84,8 +88,14 @@ def cmd_serve(args) -> int:
         changes["tolerance"] = args.tolerance
     if changes:
         store.update_settings(changes)
+    from training.server import BODY_TIMEOUT_S
+
+    timeout = BODY_TIMEOUT_S if args.body_timeout_s is None else args.body_timeout_s
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise ValueError("--body-timeout-s must be a positive number of seconds")
     serve(args.datastore, args.host, args.port, max_upload_mb=args.max_upload_mb, device=args.device,
-          log_level=args.log_level, announce=lambda m: print(m, flush=True))
+          log_level=args.log_level, announce=lambda m: print(m, flush=True), body_timeout_s=timeout,
+          show_token=args.show_token)
     return 0
 
 
