@@ -161,6 +161,13 @@ CREATE TABLE IF NOT EXISTS models (
 CREATE TABLE IF NOT EXISTS promotions (
     id INTEGER PRIMARY KEY AUTOINCREMENT, version TEXT NOT NULL, previous TEXT, at REAL NOT NULL, reason TEXT
 );
+CREATE TABLE IF NOT EXISTS exclusions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    case_id TEXT NOT NULL REFERENCES cases(case_id),
+    revision INTEGER REFERENCES labels(revision),
+    reason TEXT NOT NULL, author TEXT NOT NULL, created REAL NOT NULL,
+    lifted REAL, lifted_by TEXT, lift_reason TEXT
+);
 CREATE TABLE IF NOT EXISTS inferences (
     inference_id TEXT PRIMARY KEY,
     case_id TEXT NOT NULL,
@@ -205,6 +212,13 @@ def _check_setting(key: str, value) -> None:
     low, high = {"max_voxels": (1, math.inf), "tolerance": (-1, 1)}.get(key, (0, math.inf))
     if not (number and math.isfinite(value) and low <= value <= high):
         raise InvalidInput(f"setting {key!r} must be a finite number in [{low}, {high}], got {value!r}")
+
+
+def _checked_reason(reason) -> str:
+    """An exclusion's reason: what the audit trail says about it, so it may not be empty."""
+    if not isinstance(reason, str) or not reason.strip() or len(reason) > 1000 or "\x00" in reason:
+        raise InvalidInput("a reason is needed: 1..1000 characters saying why")
+    return reason.strip()
 
 
 def index_quota_pages(conn: sqlite3.Connection) -> int | None:
@@ -904,6 +918,52 @@ class Datastore:
             "reviewed_voxels": row["reviewed_voxels"], "foreground_voxels": row["foreground_voxels"],
             "uncertainty_kind": row["uncertainty_kind"], "threshold": row["threshold"],
         }
+
+    # -- exclusions: out of training, files kept, every change recorded -------------------------------------
+    def exclude(self, case_id: str, reason: str, author: str, revision: int | None = None) -> dict:
+        """Take a case (every revision of it, and the case as unlabeled or validation data) or one of its label
+        revisions out of training from the next job on; nothing is deleted. Returns the exclusion record."""
+        validate_author(author)
+        reason = _checked_reason(reason)
+        self._case_row(case_id)
+        with self.transaction() as db:
+            if revision is not None:
+                row = db.execute("SELECT case_id FROM labels WHERE revision = ?", (int(revision),)).fetchone()
+                if row is None or row["case_id"] != case_id:
+                    raise NotFound(f"case {case_id!r} has no label revision {revision}")
+            active = db.execute("SELECT id FROM exclusions WHERE case_id = ? AND revision IS ? AND lifted IS NULL",
+                                (case_id, revision)).fetchone()
+            if active is not None:
+                raise Conflict(f"already excluded (exclusion {active['id']})")
+            cur = db.execute("INSERT INTO exclusions(case_id, revision, reason, author, created) VALUES (?,?,?,?,?)",
+                             (case_id, revision, reason, author, time.time()))
+            return self._exclusion_dict(db.execute("SELECT * FROM exclusions WHERE id = ?", (cur.lastrowid,)).fetchone())
+
+    def lift_exclusion(self, exclusion_id: int, author: str, reason: str) -> dict:
+        """Put an excluded case or revision back into training; the record stays, with who lifted it and why."""
+        validate_author(author)
+        reason = _checked_reason(reason)
+        with self.transaction() as db:
+            row = db.execute("SELECT * FROM exclusions WHERE id = ?", (int(exclusion_id),)).fetchone()
+            if row is None:
+                raise NotFound(f"no exclusion {exclusion_id}")
+            if row["lifted"] is not None:
+                raise Conflict(f"exclusion {exclusion_id} was lifted already")
+            db.execute("UPDATE exclusions SET lifted = ?, lifted_by = ?, lift_reason = ? WHERE id = ?",
+                       (time.time(), author, reason, int(exclusion_id)))
+            return self._exclusion_dict(db.execute("SELECT * FROM exclusions WHERE id = ?", (int(exclusion_id),)).fetchone())
+
+    def exclusions(self, active_only: bool = False) -> list[dict]:
+        """Every exclusion ever made, oldest first (the audit trail); active_only: those in force."""
+        q = "SELECT * FROM exclusions" + (" WHERE lifted IS NULL" if active_only else "") + " ORDER BY id"
+        return [self._exclusion_dict(r) for r in self.db.execute(q)]
+
+    @staticmethod
+    def _exclusion_dict(row: sqlite3.Row) -> dict:
+        return {"id": row["id"], "case_id": row["case_id"], "revision": row["revision"], "reason": row["reason"],
+                "author": row["author"], "created": iso(row["created"]), "active": row["lifted"] is None,
+                "lifted": iso(row["lifted"]) if row["lifted"] is not None else None, "lifted_by": row["lifted_by"],
+                "lift_reason": row["lift_reason"]}
 
     def revisions(self, case_id: str) -> list[dict]:
         self._case_row(case_id)

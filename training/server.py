@@ -356,7 +356,46 @@ def weights(b: B, version: str):
     return _file(b.registry.model_path(version), f"{version}.pt")
 
 
-ROUTERS = (server_router, cases_router, inference_router, labels_router, train_router, models_router)
+# -- exclusions -----------------------------------------------------------------------------------------------
+exclusions_router = APIRouter(prefix=f"{API}/exclusions", tags=["exclusions"], dependencies=AUTH, responses=ERRORS)
+
+
+class ExclusionRequest(BaseModel):
+    """Take a case, or one label revision of it, out of training (files kept; the record is the audit trail)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    case_id: str
+    revision: int | None = Field(None, ge=1, description="one label revision of the case; omitted: the whole case")
+    reason: str = Field(..., min_length=1, max_length=1000, description="why, for the audit trail")
+    author: str = "anonymous"
+
+
+class LiftRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    reason: str = Field(..., min_length=1, max_length=1000)
+    author: str = "anonymous"
+
+
+@exclusions_router.get("")
+def list_exclusions(b: B, active: bool = False):
+    return {"exclusions": b.store.exclusions(active_only=active)}
+
+
+@exclusions_router.post("", status_code=201)
+def exclude(b: B, request: ExclusionRequest):
+    valid_case_id(request.case_id)
+    _bad_request(validate_author, request.author)
+    return b.store.exclude(request.case_id, request.reason, request.author, request.revision)
+
+
+@exclusions_router.post("/{exclusion_id}/lift")
+def lift_exclusion(b: B, exclusion_id: int, request: LiftRequest):
+    _bad_request(validate_author, request.author)
+    return b.store.lift_exclusion(exclusion_id, request.author, request.reason)
+
+
+ROUTERS = (server_router, cases_router, inference_router, labels_router, train_router, models_router,
+           exclusions_router)
 
 
 # -- the app --------------------------------------------------------------------------------------------------

@@ -23,17 +23,23 @@ from training.datastore import Datastore
 
 
 def training_snapshot(store: Datastore) -> dict:
-    """Which revisions a training run uses, fixed at the job's start.
+    """Which revisions a training run uses, fixed at the job's start. Active exclusions are left out: an excluded
+    case entirely (not even as unlabeled or validation data), an excluded revision as if it had not been submitted.
 
     train: {case_id: [revision ids to apply, oldest first]} for every train-split case ([] = unlabeled).
     val: {case_id: final revision id} for val-split cases with a final label.
     """
-    cases = store.db.execute("SELECT case_id, split FROM cases ORDER BY case_id").fetchall()
+    excluded = store.exclusions(active_only=True)
+    out_cases = {e["case_id"] for e in excluded if e["revision"] is None}
+    out_revisions = {e["revision"] for e in excluded if e["revision"] is not None}
+    cases = [c for c in store.db.execute("SELECT case_id, split FROM cases ORDER BY case_id").fetchall()
+             if c["case_id"] not in out_cases]
     revs = store.db.execute("SELECT revision, case_id, kind FROM labels WHERE kind IN ('final', 'correction') "
                             "ORDER BY revision").fetchall()
     by_case: dict[str, list] = {}
     for r in revs:
-        by_case.setdefault(r["case_id"], []).append((r["revision"], r["kind"]))
+        if r["revision"] not in out_revisions:
+            by_case.setdefault(r["case_id"], []).append((r["revision"], r["kind"]))
     train, val = {}, {}
     for c in cases:
         rs = by_case.get(c["case_id"], [])

@@ -401,6 +401,21 @@ class SSLSegmentClient:
         """Make `version` current (also the rollback call). Returns {"current", "previous"}."""
         return self._json("POST", f"/models/{self._quote(version)}/promote")
 
+    def exclude(self, case_id: str, reason: str, revision: int | None = None, author: str = "anonymous") -> dict:
+        """Take a case, or one of its label revisions, out of training from the next job on (files kept)."""
+        payload = {"case_id": case_id, "reason": reason, "author": author}
+        if revision is not None:
+            payload["revision"] = revision
+        return self._json("POST", "/exclusions", payload=payload, idempotent=False)
+
+    def lift_exclusion(self, exclusion_id: int, reason: str, author: str = "anonymous") -> dict:
+        return self._json("POST", f"/exclusions/{int(exclusion_id)}/lift", payload={"reason": reason, "author": author},
+                          idempotent=False)
+
+    def exclusions(self, active: bool = False) -> list[dict]:
+        """Every exclusion ever made, oldest first (lifted ones too, with who lifted them and why)."""
+        return self._json("GET", "/exclusions", query={"active": "true" if active else None})["exclusions"]
+
     def download_weights(self, version: str, dest_path: str | os.PathLike) -> Path:
         """The version's checkpoint (load with SSLSegmentLib.ml.checkpoint.load_checkpoint, weights_only)."""
         return self._download(f"/models/{self._quote(version)}/weights", dest_path)

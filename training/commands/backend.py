@@ -1,4 +1,5 @@
-"""Backend commands: serve, worker, import-datastore, token, datastore-check, datastore-settings, import-model."""
+"""Backend commands: serve, worker, import-datastore, token, exclude, exclusions, datastore-check, datastore-settings,
+import-model."""
 
 from __future__ import annotations
 
@@ -61,6 +62,22 @@ def register(sub) -> None:
     p = sub.add_parser("token", help="print the datastore's API token (owner only)")
     p.add_argument("--datastore", required=True)
     p.set_defaults(func=cmd_token)
+
+    p = sub.add_parser("exclude", help="take a case or one label revision out of training (files kept, recorded)")
+    p.add_argument("--datastore", required=True)
+    p.add_argument("--case", required=True)
+    p.add_argument("--revision", type=int, default=None, help="one label revision of the case (default: the case)")
+    p.add_argument("--reason", required=True, help="why, for the audit trail")
+    p.add_argument("--author", default="anonymous")
+    p.set_defaults(func=cmd_exclude)
+
+    p = sub.add_parser("exclusions", help="list every exclusion (the audit trail), or lift one back into training")
+    p.add_argument("--datastore", required=True)
+    p.add_argument("--active", action="store_true", help="only those in force")
+    p.add_argument("--lift", type=int, default=None, metavar="ID", help="lift this exclusion (needs --reason)")
+    p.add_argument("--reason", default=None)
+    p.add_argument("--author", default="anonymous")
+    p.set_defaults(func=cmd_exclusions)
 
     p = sub.add_parser("datastore-check", help="check a datastore's index and files; --clean removes staging "
                        "leftovers and uploads older than an hour")
@@ -168,6 +185,24 @@ def cmd_check(args) -> int:
     report = Datastore(args.datastore).check(clean=args.clean)
     print(json.dumps(report, indent=2))
     return 0 if report["ok"] else 1
+
+
+def cmd_exclude(args) -> int:
+    from training.datastore import Datastore
+
+    print(json.dumps(Datastore(args.datastore).exclude(args.case, args.reason, args.author, args.revision), indent=2))
+    return 0
+
+
+def cmd_exclusions(args) -> int:
+    from training.datastore import Datastore
+
+    store = Datastore(args.datastore)
+    if args.lift is not None:
+        print(json.dumps(store.lift_exclusion(args.lift, args.author, args.reason or ""), indent=2))
+    else:
+        print(json.dumps(store.exclusions(active_only=args.active), indent=2))
+    return 0
 
 
 def cmd_settings(args) -> int:
