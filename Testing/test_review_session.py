@@ -69,6 +69,12 @@ def test_background_task_returns_raises_and_can_be_abandoned():
     assert not slow.done()
     slow.cancel()
     assert slow.done() and slow.outcome() == (None, None)  # the GUI moves on at once
+    # Abandoned calls hold no pool slot: a new task runs while two abandoned ones still wait; none delays exit.
+    other = BackgroundTask("slow too", release.wait, 10)
+    other.cancel()
+    quick = BackgroundTask("quick", lambda: "done")
+    assert quick.wait(5) == "done" and not release.is_set()
+    assert slow.daemon and other.daemon and quick.daemon
     release.set()
 
 
@@ -366,6 +372,76 @@ def test_training_can_be_stopped_from_the_session(trained_session):
         time.sleep(0.3)
     assert session.job["status"] == "cancelled"
     assert [m["version"] for m in session.models()] == ["v0001", "v0002"]  # a cancelled job publishes nothing
+
+
+def test_a_cancelled_submit_changes_nothing_and_a_resubmit_stores_one_revision(trained_session):
+    """Cancel while the submission is in flight: the GUI drops the call, the session stays in review (the request
+    may still reach the backend); Submit again with the same edits: one revision in all, never two."""
+    session = trained_session
+    case = session.fetch_next_case()
+    result = session.infer(passes=2)
+    corrected = result.label.array.copy()
+    corrected[1:3, 1:4, 1:4] = 1 - corrected[1:3, 1:4, 1:4]
+    before = len(session.client.label_history(case.case_id))
+    pending = session.prepare_submission(corrected)
+    task = BackgroundTask("Submitting", session.send_submission, pending)
+    task.cancel()  # the clinician pressed Cancel
+    assert task.done() and task.outcome() == (None, None)
+    assert session.state == SessionState.INFERRED and session.last_submission is None
+    task.wait(60)  # the abandoned request did reach the backend
+    revision = session.submit(corrected)  # Submit again, same edits
+    history = session.client.label_history(case.case_id)
+    assert len(history) == before + 1 and history[-1]["revision"] == revision["revision"]
+    assert session.state == SessionState.SUBMITTED
+    assert session.last_submission["submission_id"] == pending.submission_id
+
+
+def test_a_cancelled_run_leaves_the_review_as_it_was(trained_session, tiny_dataset):
+    """Run fetched on a worker thread and then abandoned: the segmentation under review, its regions and the
+    visited marks are untouched; an inference fetched for a case the clinician has since left is refused."""
+    session = trained_session
+    case = session.fetch_next_case()
+    first = session.infer(passes=2)
+    if first.regions:
+        session.next_region()
+    visited = set(session.visited)
+    abandoned = BackgroundTask("Running the model", session.fetch_inference, 2, "mutual_information")
+    abandoned.cancel()
+    pending = abandoned.wait(60)
+    assert session.result is first and session.visited == visited and session.result.kind == "entropy"
+    other = next(p for p in sorted(tiny_dataset.glob("phantom_*.nrrd")) if p.stem != case.case_id)
+    assert session.open_image(other).case_id != case.case_id  # the clinician moved on to another case
+    with pytest.raises(SessionError, match=f"inference is of case {case.case_id}"):
+        session.apply_inference(pending)
+    assert session.state == SessionState.CASE_LOADED and session.result is None
+    assert not pending.staging.exists()  # its downloads are cleaned up either way
+
+
+def test_the_panel_asks_before_discarding_review_work_and_offers_one_call_at_a_time(trained_session):
+    from SSLSegmentLib.review.presenter import PanelInputs, controls, unsaved_work
+
+    session = trained_session
+    session.fetch_next_case()
+    assert unsaved_work(session, edited_voxels=0) is None  # nothing to lose before Run
+    on = controls(session, PanelInputs())
+    assert on["run"] and on["skip_case"] and not on["submit"] and not on["next_region"]
+    result = session.infer(passes=2)
+    assert unsaved_work(session, edited_voxels=0) is None  # a fresh inference: nothing done yet
+    question = unsaved_work(session, edited_voxels=12)
+    assert question.startswith(f"Case {session.case.case_id} has 12 edited voxels") and "Discard" in question
+    if result.regions:
+        session.next_region()
+        assert "1 visited region" in unsaved_work(session, edited_voxels=0)
+    on = controls(session, PanelInputs())
+    assert on["run"] and on["submit"] and on["next_region"] == bool(result.regions) and not on["cancel"]
+    busy = controls(session, PanelInputs(busy=True))
+    assert busy["cancel"] and not any(v for k, v in busy.items() if k not in ("cancel", "stop_training"))
+    corrected = result.label.array.copy()
+    corrected[0, 0, 0] = 1 - corrected[0, 0, 0]
+    session.submit(corrected)
+    assert unsaved_work(session, edited_voxels=1) is None  # submitted: nothing left to lose
+    assert not controls(session, PanelInputs())["submit"]
+    assert controls(None, PanelInputs()) == {**{k: False for k in on}, "connect": True}
 
 
 def test_stopping_the_local_backend_ends_its_processes(backend):

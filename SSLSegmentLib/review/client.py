@@ -328,14 +328,14 @@ class SSLSegmentClient:
     def submit_label(self, case_id: str, label_path: str | os.PathLike, kind: str = "final",
                      reviewed_mask_path: str | os.PathLike | None = None, model_version: str | None = None,
                      author: str = "anonymous", inference_id: str | None = None, uncertainty_kind: str | None = None,
-                     threshold: float | None = None) -> dict:
+                     threshold: float | None = None, submission_id: str | None = None) -> dict:
         """Store a new immutable label revision.
 
         kind "final": a full label of the case. kind "correction": the label plus the reviewed mask (1 = voxels the
         annotator checked or edited; required) and the model version it was made against. inference_id,
         uncertainty_kind and threshold say what the annotator was shown: the backend archives that inference's map of
         `uncertainty_kind` with the revision and records the kind and threshold. A retried call is recognised by its
-        submission id and stored once. Returns the revision dict.
+        submission id (`submission_id`, default a fresh one per call) and stored once. Returns the revision dict.
         """
         if kind not in ("final", "correction"):
             raise ValueError(f"kind must be 'final' or 'correction', got {kind!r}")
@@ -344,7 +344,7 @@ class SSLSegmentClient:
         form = _Multipart().field("kind", kind).field("author", author).field("model_version", model_version)
         form.field("inference_id", inference_id).field("uncertainty_kind", uncertainty_kind)
         form.field("threshold", None if threshold is None else float(threshold))
-        form.field("submission_id", uuid.uuid4().hex)
+        form.field("submission_id", submission_id or uuid.uuid4().hex)
         form.file("label", label_path)
         if reviewed_mask_path is not None:
             form.file("reviewed_mask", reviewed_mask_path)

@@ -27,6 +27,7 @@ and worker on this machine) and `requirements` (the dependency check).
 from __future__ import annotations
 
 import enum
+import hashlib
 import logging
 import os
 import shutil
@@ -133,6 +134,37 @@ class RankedRegions:
     staging: Path
 
 
+@dataclass
+class PendingInference:
+    """What `fetch_inference` read, not yet under review: `apply_inference` makes it so, on the main thread."""
+
+    case_id: str
+    kind: str
+    passes: int | None
+    answer: dict
+    staging: Path
+    label: Volume
+    maps: dict
+    regions: list
+    rank_map: np.ndarray
+
+
+@dataclass(frozen=True)
+class PendingSubmission:
+    """A submission written to disk and named (`submission_id`), not yet sent or not yet recorded."""
+
+    case_id: str
+    inference_id: str
+    model_version: str
+    kind: str
+    label_path: Path
+    mask_path: Path | None
+    reviewed: int
+    uncertainty_kind: str
+    threshold: float
+    submission_id: str
+
+
 class ReviewSession:
     """One annotator's review of cases on one backend.
 
@@ -165,6 +197,7 @@ class ReviewSession:
         self.visited: set[int] = set()
         self.last_submission: dict | None = None
         self.job: dict | None = None
+        self._prepared: PendingSubmission | None = None
 
     # ---- connection ---------------------------------------------------------------------------------------
 
@@ -206,6 +239,7 @@ class ReviewSession:
         self.current_index = None
         self.visited = set()
         self.last_submission = None
+        self._prepared = None
         self.state = SessionState.CASE_LOADED
         return case
 
@@ -249,6 +283,7 @@ class ReviewSession:
             log.warning("could not release the lease on the current case; it expires by itself")
         self.case, self.image, self.result = None, None, None
         self.current_index, self.visited = None, set()
+        self._prepared = None
         self.state = SessionState.CONNECTED
 
     # ---- inference and regions ----------------------------------------------------------------------------
@@ -259,27 +294,48 @@ class ReviewSession:
         label, the `uncertainty` map and the backend's review regions above `threshold` with their region map.
 
         uncertainty / threshold: None keeps the session's current ones; given ones become the session's.
+        `fetch_inference` (network, any thread) + `apply_inference` (the session's state, main thread).
         """
+        return self.apply_inference(self.fetch_inference(passes, uncertainty, threshold))
+
+    def fetch_inference(self, passes: int | None = None, uncertainty: str | None = None,
+                        threshold: float | None = None) -> "PendingInference":
+        """The network half of `infer`: asks, downloads and reads, changing nothing in the session, so a call that
+        is cancelled (its result dropped) leaves the review exactly as it was."""
         self._require(SessionState.CASE_LOADED, SessionState.INFERRED, action="run the model")
         kind = self.uncertainty_kind if uncertainty is None else validate_uncertainty_kind(uncertainty)
         threshold = self.threshold if threshold is None else validate_threshold(threshold)
         if passes is not None and passes < 1:
             raise ValueError(f"passes must be >= 1, got {passes}")
+        case, image = self.case, self.image
         answer, staging = self._ask(kind, threshold, passes, download=None)
         try:
             incoming = answer["paths"]
-            label = read_label(incoming["label"], self.image)  # also checks the output is on the image's grid
+            label = read_label(incoming["label"], image)  # also checks the output is on the image's grid
             maps = {kind: self._read_map(incoming[kind], kind)}
             regions, rank_map = self._read_regions(answer, incoming["regions"])
-            # Kept only once everything is read: a failure leaves the previous result and its files as they were.
-            paths = self._keep(incoming)
-        finally:
+        except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
-        answer = {k: v for k, v in answer.items() if k != "paths"}  # the kept files are `paths`
-        self.result = InferenceResult(answer["model_version"], answer["inference_id"], answer.get("passes", passes),
-                                      label, maps, kind, float(answer["threshold"]), regions, rank_map, paths, answer)
-        self.uncertainty_kind, self.threshold = kind, self.result.threshold
+            raise
+        return PendingInference(case.case_id, kind, passes, answer, staging, label, maps, regions, rank_map)
+
+    def apply_inference(self, pending: "PendingInference") -> InferenceResult:
+        """Make a fetched inference the one under review (main thread); refused if the case changed meanwhile."""
+        try:
+            self._require(SessionState.CASE_LOADED, SessionState.INFERRED, action="show the model's output")
+            if self.case is None or pending.case_id != self.case.case_id:
+                raise SessionError(f"this inference is of case {pending.case_id}, not of the case under review")
+            # Kept only now: a failure or a cancel leaves the previous result and its files as they were.
+            paths = self._keep(pending.answer["paths"])
+        finally:
+            shutil.rmtree(pending.staging, ignore_errors=True)
+        answer = {k: v for k, v in pending.answer.items() if k != "paths"}  # the kept files are `paths`
+        self.result = InferenceResult(answer["model_version"], answer["inference_id"],
+                                      answer.get("passes", pending.passes), pending.label, pending.maps, pending.kind,
+                                      float(answer["threshold"]), pending.regions, pending.rank_map, paths, answer)
+        self.uncertainty_kind, self.threshold = pending.kind, self.result.threshold
         self.current_index, self.visited = None, set()
+        self._prepared = None
         self.state = SessionState.INFERRED
         return self.result
 
@@ -441,34 +497,70 @@ class ReviewSession:
         whole_case: the clinician checked every voxel, so this is a final label (no mask). Otherwise a correction
         whose reviewed mask is the visited regions plus the edited voxels; an empty mask (nothing visited, nothing
         edited) is refused because it would teach the model nothing.
+        `prepare_submission` (files, main thread) + `send_submission` (network, any thread) + `apply_submission`.
         """
+        pending = self.prepare_submission(corrected, whole_case)
+        return self.apply_submission(pending, self.send_submission(pending))
+
+    def prepare_submission(self, corrected, whole_case: bool = False) -> "PendingSubmission":
+        """Write the label (and reviewed mask) to be sent and give the submission its id.
+
+        The id is a digest of what is submitted (case, inference, kind, label, mask, annotator): sending the same
+        edits again, e.g. after a Cancel whose request had reached the backend anyway, is stored once; other edits
+        are another submission."""
         self._require(SessionState.INFERRED, action="submit")
         array = self._corrected_array(corrected)
+        result = self.result
+        if whole_case:
+            mask, kind, reviewed = None, "final", int(array.size)
+        else:
+            mask = reviewed_mask(result.rank_map, self.visited, result.label.array, array)
+            reviewed = int(mask.sum())
+            if reviewed == 0:
+                raise SessionError("nothing was reviewed: visit at least one region or edit the segmentation "
+                                   "(or submit the whole case as a final label)")
+            kind = "correction"
+        digest = hashlib.sha256()
+        for part in (self.case.case_id, result.inference_id, kind, self.annotator, result.kind, repr(result.threshold)):
+            digest.update(str(part).encode() + b"\0")
+        digest.update(np.ascontiguousarray(array).tobytes())
+        if mask is not None:
+            digest.update(np.ascontiguousarray(mask).tobytes())
+        submission_id = digest.hexdigest()[:32]
+        if self._prepared is not None and self._prepared.submission_id == submission_id:
+            return self._prepared  # the same edits: the same files and the same id
         folder = self._case_dir(self.case.case_id) / "submitted"
         n = 1
         while (folder / f"r{n}").exists():
             n += 1
         folder = folder / f"r{n}"
         label_path = write_volume(self.image.like(array), folder / "label.nrrd", overwrite=False)
-        if whole_case:
-            mask_path, kind, reviewed = None, "final", int(array.size)
-        else:
-            mask = reviewed_mask(self.result.rank_map, self.visited, self.result.label.array, array)
-            reviewed = int(mask.sum())
-            if reviewed == 0:
-                raise SessionError("nothing was reviewed: visit at least one region or edit the segmentation "
-                                   "(or submit the whole case as a final label)")
-            mask_path = write_volume(self.image.like(mask), folder / "reviewed_mask.nrrd", overwrite=False)
-            kind = "correction"
+        mask_path = None if mask is None else write_volume(self.image.like(mask), folder / "reviewed_mask.nrrd",
+                                                           overwrite=False)
+        self._prepared = PendingSubmission(self.case.case_id, result.inference_id, result.model_version, kind,
+                                           label_path, mask_path, reviewed, result.kind, result.threshold,
+                                           submission_id)
+        return self._prepared
+
+    def send_submission(self, pending: "PendingSubmission") -> dict:
+        """The network half: store the revision (once per submission id); changes nothing in the session."""
         # The kind and threshold shown: the backend archives exactly that map of this inference with the revision.
-        result = self.result
-        revision = self.client.submit_label(self.case.case_id, label_path, kind=kind, reviewed_mask_path=mask_path,
-                                            model_version=result.model_version, author=self.annotator,
-                                            inference_id=result.inference_id, uncertainty_kind=result.kind,
-                                            threshold=result.threshold)
-        self.last_submission = {"revision": revision, "kind": kind, "reviewed_voxels": reviewed,
-                                "label_path": label_path, "reviewed_mask_path": mask_path,
-                                "uncertainty_kind": result.kind, "threshold": result.threshold}
+        return self.client.submit_label(pending.case_id, pending.label_path, kind=pending.kind,
+                                        reviewed_mask_path=pending.mask_path, model_version=pending.model_version,
+                                        author=self.annotator, inference_id=pending.inference_id,
+                                        uncertainty_kind=pending.uncertainty_kind, threshold=pending.threshold,
+                                        submission_id=pending.submission_id)
+
+    def apply_submission(self, pending: "PendingSubmission", revision: dict) -> dict:
+        """Record a stored submission (main thread): the case is submitted."""
+        self._require(SessionState.INFERRED, action="record the submission")
+        if self.case is None or pending.case_id != self.case.case_id:
+            raise SessionError(f"this submission is of case {pending.case_id}, not of the case under review")
+        self.last_submission = {"revision": revision, "kind": pending.kind, "reviewed_voxels": pending.reviewed,
+                                "label_path": pending.label_path, "reviewed_mask_path": pending.mask_path,
+                                "uncertainty_kind": pending.uncertainty_kind, "threshold": pending.threshold,
+                                "submission_id": pending.submission_id}
+        self._prepared = None
         self.state = SessionState.SUBMITTED
         return revision
 
