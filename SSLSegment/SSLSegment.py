@@ -483,12 +483,12 @@ class SSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onStopLocal(self) -> None:
         if not self._confirmDiscard():
             return
-        if self.localBackend is not None:
-            self.localBackend.stop()
-            self.localBackend = None
-        self.session = None
-        self.ui.connectionStatusLabel.text = _("Local backend stopped.")
-        self._updateButtonStates()
+        backend, self.localBackend, self.session = self.localBackend, None, None
+        if backend is None:
+            return
+        # Stopping waits for the processes to end (up to ~15 s when one hangs): off the GUI thread.
+        self._runInBackground(_("Stopping the local backend"), backend.stop, lambda _result: setattr(
+            self.ui.connectionStatusLabel, "text", _("Local backend stopped.")))
 
     # ---- cases ----------------------------------------------------------------------------------------------
 

@@ -142,3 +142,31 @@ def test_backend_runs_from_the_installed_layout(tmp_path):
                                env=backend.environment(), cwd=work, capture_output=True, text=True, check=True)
         assert where.stdout.split() == [str(backend_dir / "training" / "__init__.py"),
                                         str(lib_dir / "SSLSegmentLib" / "__init__.py")]
+
+
+def test_windows_children_get_no_console_and_are_stopped_as_a_tree():
+    """What a Windows Slicer needs (checked here as the calls made; the in-Slicer self-test runs them): children
+    in their own group without a console window, and a stop that ends the whole tree (PythonSlicer.exe is only a
+    launcher), never a console break that cannot reach them."""
+    from SSLSegmentLib.review.local_backend import (CREATE_NEW_PROCESS_GROUP, CREATE_NO_WINDOW, process_group_kwargs,
+                                                    tree_kill_command)
+
+    kwargs = process_group_kwargs("nt")
+    assert kwargs["creationflags"] == CREATE_NEW_PROCESS_GROUP | CREATE_NO_WINDOW == 0x08000200
+    assert process_group_kwargs("posix") == {"start_new_session": True}
+    assert tree_kill_command(4242) == ["taskkill", "/F", "/T", "/PID", "4242"]
+
+
+def test_a_stop_that_times_out_returns_instead_of_raising(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from SSLSegmentLib.review.local_backend import kill_group, process_group_kwargs
+
+    stubborn = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, "
+                                 "signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"],
+                                stdout=subprocess.PIPE, **process_group_kwargs())
+    assert stubborn.stdout.readline().strip() == b"ready"
+    assert kill_group(stubborn, signal.SIGTERM, timeout=0.5) is None  # ignored: the caller is not stuck
+    assert kill_group(stubborn) == -signal.SIGKILL

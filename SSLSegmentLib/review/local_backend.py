@@ -19,8 +19,11 @@ from pathlib import Path
 
 from SSLSegmentLib.review.client import BackendUnavailable, SSLSegmentClient
 
-# Windows has no SIGKILL; there the group gets the same console break as for SIGTERM (a later issue covers Windows).
+# Windows has no SIGKILL and no process groups a signal can reach from another console (Slicer has none): there a
+# stop ends the whole process tree (taskkill /T; psutil when Slicer's Python has it, as SlicerMONAIAuto3DSeg does).
 KILL = getattr(signal, "SIGKILL", signal.SIGTERM)
+CREATE_NEW_PROCESS_GROUP = 0x00000200
+CREATE_NO_WINDOW = 0x08000000  # no console window pops up for a child of a GUI application
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -30,28 +33,61 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def process_group_kwargs() -> dict:
-    """Popen arguments that make the child lead a new process group, so one signal reaches its children too."""
-    if os.name == "posix":
+def process_group_kwargs(platform: str = os.name) -> dict:
+    """Popen arguments that make the child lead a new process group (POSIX: a new session, so one signal reaches
+    its children too; Windows: its own group, no console window, hidden as slicer.util starts processes)."""
+    if platform == "posix":
         return {"start_new_session": True}
-    return {"creationflags": getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)}
+    kwargs = {"creationflags": CREATE_NEW_PROCESS_GROUP | CREATE_NO_WINDOW}
+    if hasattr(subprocess, "STARTUPINFO"):
+        info = subprocess.STARTUPINFO()
+        info.dwFlags |= subprocess.STARTF_USESHOWWINDOW
+        info.wShowWindow = 0  # SW_HIDE
+        kwargs["startupinfo"] = info
+    return kwargs
 
 
-def signal_group(proc: subprocess.Popen, sig: int) -> None:
-    """Send `sig` to the process group `proc` leads; a group that is already gone is not an error."""
+def tree_kill_command(pid: int) -> list[str]:
+    """Windows: end `pid` and every process it started (PythonSlicer.exe is a launcher: its python-real child is
+    the server, and stopping the launcher alone would orphan it)."""
+    return ["taskkill", "/F", "/T", "/PID", str(int(pid))]
+
+
+def _kill_tree_windows(proc: subprocess.Popen) -> None:
     try:
-        if os.name == "posix":
-            os.killpg(proc.pid, sig)
-        else:
-            proc.send_signal(signal.CTRL_BREAK_EVENT if sig == signal.SIGTERM else sig)
-    except (ProcessLookupError, PermissionError, OSError):
+        import psutil  # Slicer's Python usually has it
+    except ImportError:
+        subprocess.run(tree_kill_command(proc.pid), capture_output=True, timeout=30,
+                       creationflags=CREATE_NO_WINDOW)
+        return
+    try:
+        parent = psutil.Process(proc.pid)
+        for child in parent.children(recursive=True) + [parent]:
+            child.kill()
+    except psutil.Error:
         pass
 
 
-def kill_group(proc: subprocess.Popen, sig: int = KILL, timeout: float | None = 30.0) -> int:
-    """Signal the whole group `proc` leads (SIGKILL by default) and reap `proc`; returns its exit status."""
+def signal_group(proc: subprocess.Popen, sig: int, platform: str = os.name) -> None:
+    """Send `sig` to the process group `proc` leads (Windows: end its process tree); a group that is already gone
+    is not an error."""
+    try:
+        if platform == "posix":
+            os.killpg(proc.pid, sig)
+        else:
+            _kill_tree_windows(proc)
+    except (ProcessLookupError, PermissionError, OSError, subprocess.SubprocessError):
+        pass
+
+
+def kill_group(proc: subprocess.Popen, sig: int = KILL, timeout: float | None = 30.0) -> int | None:
+    """Signal the whole group `proc` leads (SIGKILL by default) and reap `proc`; returns its exit status, or None if
+    it has not ended within `timeout` s (never raises, so a stop cannot leave the caller stuck)."""
     signal_group(proc, sig)
-    return proc.wait(timeout)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return None
 
 
 def stop_groups(procs, timeout: float = 10.0) -> None:
