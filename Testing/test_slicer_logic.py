@@ -412,3 +412,25 @@ def test_recomputed_regions_replace_the_heat_map_and_markups_but_keep_the_edits(
     with pytest.raises(ValueError, match="uncertainty must be one of"):
         result.kind = "variance"
         logic.showReviewRegions(result, image_node)
+
+
+def test_the_heat_map_has_a_colour_legend_titled_with_its_kind_that_follows_its_visibility(headless, phantom, tmp_path):
+    from SSLSegmentLib.review.session import InferenceResult
+
+    scene, logic = headless
+    image, label = phantom
+    entropy = _uncertainty(image)
+    regions, rank_map = find_review_regions(entropy.array, threshold=0.97, min_voxels=1, geometry=image.geometry)
+    result = InferenceResult("v0001", "0123abcd", 2, label, {"entropy": entropy}, "entropy", 0.97, regions, rank_map)
+    image_node = logic.showCase(write_volume(image, tmp_path / "image.nrrd"), name="case")
+    heat = logic.showInference(result, image_node, threshold=0.3)["uncertainty"]
+    legend = slicer.vtkSlicerColorLogic.GetColorLegendDisplayNode(heat)
+    assert legend is not None and legend.GetTitleText() == "Uncertainty (entropy)" and legend.GetVisibility()
+    assert legend.GetPrimaryDisplayNode() is heat.GetDisplayNode()  # the heat map's own colours and window
+    logic.setUncertaintyVisible(heat, False)
+    assert not legend.GetVisibility()
+    logic.setUncertaintyVisible(heat, True)
+    assert legend.GetVisibility()
+    legends = scene.GetNodesByClass("vtkMRMLColorLegendDisplayNode").GetNumberOfItems()
+    logic.showInference(result, image_node, threshold=0.3)  # the next inference replaces the map and its legend
+    assert scene.GetNodesByClass("vtkMRMLColorLegendDisplayNode").GetNumberOfItems() == legends

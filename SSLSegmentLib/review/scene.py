@@ -288,6 +288,19 @@ class ReviewSceneLogic:
         self.setSliceLayers(background=backgroundNode, foreground=uncertaintyNode, foregroundOpacity=opacity)
         return uncertaintyNode
 
+    def showColorLegend(self, uncertaintyNode, title: str):
+        """The heat map's colour legend in the views (the Colors module's legend display node), titled with the map
+        shown; the Slicer application registers its node class, a bare scene gets it registered here."""
+        if not self.scene.IsNodeClassRegistered("vtkMRMLColorLegendDisplayNode"):
+            self.scene.RegisterNodeClass(slicer.vtkMRMLColorLegendDisplayNode())
+        legend = slicer.vtkSlicerColorLogic.GetColorLegendDisplayNode(uncertaintyNode)
+        if legend is None:
+            legend = slicer.vtkSlicerColorLogic.AddDefaultColorLegendDisplayNode(uncertaintyNode)
+        legend.SetTitleText(title)
+        legend.SetLabelFormat("%.1f")
+        legend.SetVisibility(True)
+        return legend
+
     def setUncertaintyThreshold(self, uncertaintyNode, threshold: float) -> None:
         _check_unit("threshold", threshold)
         uncertaintyNode.GetDisplayNode().SetThreshold(float(threshold), 1.0)
@@ -299,6 +312,9 @@ class ReviewSceneLogic:
     def setUncertaintyVisible(self, uncertaintyNode, visible: bool) -> None:
         for composite in self.sliceCompositeNodes():
             composite.SetForegroundVolumeID(uncertaintyNode.GetID() if visible and uncertaintyNode else None)
+        legend = slicer.vtkSlicerColorLogic.GetColorLegendDisplayNode(uncertaintyNode) if uncertaintyNode else None
+        if legend is not None:
+            legend.SetVisibility(bool(visible))
 
     # ---- segmentation -----------------------------------------------------------------------------------------
 
@@ -455,6 +471,7 @@ class ReviewSceneLogic:
         heat = self.addVolume(result.uncertainty[kind], f"{imageNode.GetName()} uncertainty ({kind.replace('_', ' ')})",
                               role="uncertainty")
         self.showUncertainty(heat, threshold, opacity, backgroundNode=imageNode)  # colours, window, threshold
+        self.showColorLegend(heat, f"Uncertainty ({kind.replace('_', ' ')})")
         regions = self.showRegions(result.regions, imageNode)
         if not visible:
             self.setUncertaintyVisible(heat, False)
