@@ -320,3 +320,37 @@ def test_the_server_says_where_the_token_is_and_never_logs_it(backend):
     log = (backend.log_dir / "serve.log").read_text()
     assert "API token in" in log and str(Datastore(backend.datastore).token_path) in log
     assert backend.token not in log
+
+
+def test_the_body_timeout_never_cuts_a_slow_download(tmp_path):
+    """The timeout is for a request body that stops arriving; a response the client reads slowly (a big image
+    over a slow link) outlasts it and still arrives whole (the server listens for a disconnect meanwhile)."""
+    import socket
+    import time
+    import urllib.parse
+
+    root = tmp_path / "store"
+    store = Datastore(root, create=True)
+    big = write_volume(Volume(np.random.default_rng(3).random((128, 128, 128), dtype=np.float32)),
+                       tmp_path / "big.nrrd", compress=False)
+    case, _ = store.register_image(big, case_id="big")
+    store.close()
+    with LocalBackend(root, with_worker=False, serve_args=["--body-timeout-s", "0.3"]).start() \
+            .wait_until_ready() as slow:
+        url = urllib.parse.urlsplit(slow.base_url)
+        with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            sock.sendall(f"GET /api/v1/cases/big/image HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {slow.token}\r\n"
+                         "Connection: close\r\n\r\n".encode())
+            data, t0 = b"", time.monotonic()
+            while True:
+                piece = sock.recv(256 * 1024)
+                if not piece:
+                    break
+                data += piece
+                time.sleep(0.05)
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head[:200]
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+        assert time.monotonic() - t0 > 1.0  # the download outlasted the body timeout several times over
+        assert len(body) == length == big.stat().st_size

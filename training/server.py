@@ -422,29 +422,33 @@ class _Door:
         # A client that sent `Expect: 100-continue` holds its body until asked, and asking (receive) is what would
         # make the server say "100 Continue": such a body is refused unsent, not drained.
         waiting = headers.get(b"expect", b"").lower() == b"100-continue"
-        announced = 0 if waiting else _announced(headers)
+        announced = _announced(headers)
+        refusal = None
         if path.startswith(API) and path != f"{API}/health" and not token_matches(
                 headers.get(b"authorization", b"").decode("latin-1"), self.token):
+            refusal = (401, UNAUTHORISED, [(b"www-authenticate", b"Bearer")])
+        elif announced > self.limit:
+            refusal = (413, self._too_large_message(), [])
+        if refusal is not None:
             if not waiting:
                 await self._drain(receive, announced)
-            return await _answer(send, 401, UNAUTHORISED, [(b"www-authenticate", b"Bearer")])
-        if _announced(headers) > self.limit:
-            if not waiting:
-                await self._drain(receive, announced)
-            return await self._too_large(send)
+            return await _answer(send, *refusal)
         received = 0
-        started = cut = False
+        started = body_complete = False
         why: int | None = None
 
         async def guarded_receive():
-            nonlocal received, why, cut
+            nonlocal received, why, body_complete
+            if body_complete:  # e.g. a file response listening for a disconnect: no body left to time out
+                return await receive()
             try:
                 message = await asyncio.wait_for(receive(), self.body_timeout_s)
             except asyncio.TimeoutError:
-                why, cut = 408, True
+                why = 408
                 raise _Refused() from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_complete = not message.get("more_body", False)
                 if received > self.limit:
                     why = 413
                     raise _Refused()
@@ -455,7 +459,7 @@ class _Door:
             started = True
             if why == 413:
                 await self._drain(receive, received)
-                await self._too_large(send)
+                await _answer(send, 413, self._too_large_message())
             else:
                 await _answer(send, 408, f"the request body stopped arriving for {self.body_timeout_s:g} s")
 
@@ -490,8 +494,8 @@ class _Door:
             if not message.get("more_body", False):
                 return
 
-    async def _too_large(self, send):
-        await _answer(send, 413, f"upload larger than the limit of {self.limit / 2**20:.1f} MB")
+    def _too_large_message(self) -> str:
+        return f"upload larger than the limit of {self.limit / 2**20:.1f} MB"
 
 
 def _announced(headers: dict) -> int:
