@@ -269,9 +269,43 @@ def test_jump_centres_every_slice_view_on_the_region_and_frames_it(regions_case)
     np.testing.assert_allclose(centre, (sa.node_ijk_to_ras(reference) @ np.array([*mid, 1.0]))[:3], atol=1e-4)
     extent = np.asarray(region.bbox_max_ijk) - np.asarray(region.bbox_min_ijk) + 1
     np.testing.assert_allclose(roi.GetSize(), extent * np.asarray(image.geometry.spacing), atol=1e-4)
+    # The box is shown in every view, the 3D views included.
+    display = roi.GetDisplayNode()
+    assert display.GetVisibility() and display.GetVisibility3D() and display.GetNumberOfViewNodeIDs() == 0
     # A second jump reuses the box.
     logic.jumpToRegion(regions[0], reference)
     assert len(logic.nodesWithRole("region-roi")) == 1
+
+
+def test_jump_zooms_every_slice_view_to_the_region_and_keeps_its_aspect(regions_case):
+    scene, logic, image, _, regions, _, reference = regions_case
+    for slice_node in logic.sliceNodes():
+        slice_node.SetFieldOfView(400.0, 200.0, 1.0)  # a wide view, far out
+    big, small = regions  # rank 1 is the larger of the two slabs
+    axes = sa.node_ijk_to_ras(reference)[:3, :3]
+
+    def expected_short_side(region, slice_node):
+        extent = np.asarray(region.bbox_max_ijk) - np.asarray(region.bbox_min_ijk) + 1
+        box = np.abs(axes) @ extent
+        in_plane = np.abs(sa._numpy_matrix(slice_node.GetSliceToRAS())[:3, :2].T) @ box
+        return max(logic.ZOOM_CONTEXT * in_plane.max(), logic.ZOOM_MIN_FOV_MM)
+
+    logic.jumpToRegion(big, reference)
+    sides = {}
+    for slice_node in logic.sliceNodes():
+        fov = slice_node.GetFieldOfView()
+        assert fov[0] / fov[1] == pytest.approx(2.0)  # the view's shape is the view's, not the region's
+        assert min(fov[0], fov[1]) == pytest.approx(expected_short_side(big, slice_node))
+        assert min(fov[0], fov[1]) < 200.0  # zoomed in
+        sides[slice_node.GetName()] = min(fov[0], fov[1])
+    # A smaller region is shown closer; no zoom leaves the field of view as it is.
+    logic.jumpToRegion(small, reference)
+    for slice_node in logic.sliceNodes():
+        assert min(slice_node.GetFieldOfView()[:2]) == pytest.approx(expected_short_side(small, slice_node))
+    assert any(min(n.GetFieldOfView()[:2]) < sides[n.GetName()] for n in logic.sliceNodes())
+    before = [n.GetFieldOfView() for n in logic.sliceNodes()]
+    logic.jumpToRegion(big, reference, zoom=False)
+    assert [n.GetFieldOfView() for n in logic.sliceNodes()] == before
 
 
 def test_reviewed_mask_is_visited_regions_plus_edited_voxels(regions_case):

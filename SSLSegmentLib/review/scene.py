@@ -520,13 +520,38 @@ class ReviewSceneLogic:
             raise RuntimeError("no review regions are shown")
         self.regionsNode.SetNthControlPointSelected(self._regionIndex(rank), not visited)
 
-    def jumpToRegion(self, region, referenceVolumeNode=None, showBox: bool = True) -> tuple[float, float, float]:
-        """Centre every slice view on the region (vtkMRMLSliceNode.JumpAllSlices) and frame it with an ROI box."""
+    def jumpToRegion(self, region, referenceVolumeNode=None, showBox: bool = True,
+                     zoom: bool = True) -> tuple[float, float, float]:
+        """Centre every slice view on the region (vtkMRMLSliceNode.JumpAllSlices), frame it with an ROI box (shown
+        in the 3D views too) and, with `zoom`, fit each slice view to the region with a margin around it."""
         ras = self.regionCentreRas(region, referenceVolumeNode)
         slicer.vtkMRMLSliceNode.JumpAllSlices(self.scene, *ras, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
-        if showBox and referenceVolumeNode is not None:
-            self.showRegionBox(region, referenceVolumeNode)
+        if referenceVolumeNode is not None:
+            if showBox:
+                self.showRegionBox(region, referenceVolumeNode)
+            if zoom:
+                self.zoomToRegion(region, referenceVolumeNode)
         return ras
+
+    # The view shows the region and as much again around it on each side (the structure it sits on), and never
+    # less than ZOOM_MIN_FOV_MM across, so a region of a few voxels is not blown up into a blur of single voxels.
+    ZOOM_CONTEXT = 3.0
+    ZOOM_MIN_FOV_MM = 30.0
+
+    def zoomToRegion(self, region, referenceVolumeNode) -> None:
+        """Set every slice view's field of view so the region's bounding box fills the middle third of its shorter
+        side; the view's aspect ratio is kept (vtkMRMLSliceNode.SetFieldOfView, as the slice controller's zoom)."""
+        axes = node_ijk_to_ras(referenceVolumeNode)[:3, :3]
+        extent = np.asarray(region.bbox_max_ijk, dtype=float) - np.asarray(region.bbox_min_ijk, dtype=float) + 1.0
+        box = np.abs(axes) @ extent  # the region's bounding box in RAS, per axis (mm)
+        for slice_node in self.sliceNodes():
+            slice_to_ras = _numpy_matrix(slice_node.GetSliceToRAS())[:3, :3]
+            # The box's extent along the view's in-plane axes.
+            in_plane = np.abs(slice_to_ras[:, :2].T) @ box
+            target = max(self.ZOOM_CONTEXT * float(in_plane.max()), self.ZOOM_MIN_FOV_MM)
+            fov = slice_node.GetFieldOfView()
+            scale = target / min(fov[0], fov[1])
+            slice_node.SetFieldOfView(fov[0] * scale, fov[1] * scale, fov[2])
 
     def showRegionBox(self, region, referenceVolumeNode):
         """An ROI box over the region's voxel bounding box, oriented with the image axes."""
