@@ -208,6 +208,7 @@ class SSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.regionsTableWidget.connect("cellClicked(int,int)", self.onRegionClicked)
         self.ui.submitButton.connect("clicked(bool)", self.onSubmit)
         self.ui.skipCaseButton.connect("clicked(bool)", self.onSkipCase)
+        self.ui.undoSubmitButton.connect("clicked(bool)", self.onUndoSubmit)
         self.ui.startTrainingButton.connect("clicked(bool)", self.onStartTraining)
         self.ui.stopTrainingButton.connect("clicked(bool)", self.onStopTraining)
         self.ui.refreshModelsButton.connect("clicked(bool)", self.onRefreshModels)
@@ -306,7 +307,7 @@ class SSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.connectButton.text = _("Start and connect") if local else _("Connect")
         self._applyDisplaySettings()
         self._updateButtonStates()
-        self._followUncertaintyKind()
+        self._followRegionSettings()
 
     # ---- state shown in the panel ---------------------------------------------------------------------------
 
@@ -326,7 +327,8 @@ class SSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                              ("run", self.ui.runButton), ("cancel", self.ui.cancelButton),
                              ("next_region", self.ui.nextRegionButton),
                              ("previous_region", self.ui.previousRegionButton), ("submit", self.ui.submitButton),
-                             ("skip_case", self.ui.skipCaseButton), ("start_training", self.ui.startTrainingButton),
+                             ("skip_case", self.ui.skipCaseButton), ("undo_submit", self.ui.undoSubmitButton),
+                             ("start_training", self.ui.startTrainingButton),
                              ("stop_training", self.ui.stopTrainingButton),
                              ("refresh_models", self.ui.refreshModelsButton),
                              ("update_model", self.ui.updateModelButton)):
@@ -417,7 +419,7 @@ class SSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if onFailed is not None:
                 onFailed()
             self._updateButtonStates()
-            self._followUncertaintyKind()  # a kind chosen while the panel was busy
+            self._followRegionSettings()  # a kind chosen while the panel was busy
 
     def onCancel(self) -> None:
         if self._task is None:
@@ -440,7 +442,8 @@ class SSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._setStatus(str(exc), error=True)
             return
         if p.connectionMode == ConnectionMode.LOCAL:
-            with slicer.util.tryWithErrorDisplay(_("Cannot start the local backend."), waitCursor=True):
+            # No wait cursor here: setting up may ask before installing, and a question is not put under it.
+            with slicer.util.tryWithErrorDisplay(_("Cannot start the local backend.")):
                 if self.logic.setupPythonRequirements(local=True):
                     return  # installed something that needs a restart; the logic said so
                 if self.localBackend is None or not self.localBackend.running():
@@ -575,18 +578,21 @@ class SSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             _("No region is above {t:.2f}: the model is fairly sure everywhere. Check the whole structure anyway.").format(
                 t=result.threshold))
 
-    def _followUncertaintyKind(self) -> None:
-        """The review regions (and the reviewed mask built from them) are those of the map shown: a kind chosen in
-        the panel after Run asks the backend for that map's regions before the heat map changes."""
+    def _followRegionSettings(self) -> None:
+        """The review regions (and the reviewed mask built from them) are those of the map and threshold shown: a kind
+        or region threshold chosen after Run asks the backend for those regions (a cache hit, no new forward pass)."""
+        from SSLSegmentLib.review.presenter import regions_to_fetch
+
         p = self._parameterNode
-        if p is None or self.session is None or self._state() != "inferred" or self._task is not None:
+        if p is None or self._task is not None:
+            return  # a change made while a call is in flight is followed when it ends
+        wanted = regions_to_fetch(self.session, p.uncertaintyKind.value, p.regionThreshold)
+        if wanted is None:
             return
-        kind = p.uncertaintyKind.value
-        if kind == self.session.result.kind:
-            return
-        self._runInBackground(_("Ranking the regions of the {kind} map").format(kind=p.uncertaintyKind.label()),
-                              self.session.fetch_regions, self._onRegionsFetched, kind,
-                              onFailed=self._showSessionUncertaintyKind)
+        kind, threshold = wanted
+        self._runInBackground(_("Ranking the regions of the {kind} map").format(kind=UncertaintyKind(kind).label()),
+                              self.session.fetch_regions, self._onRegionsFetched, kind, threshold,
+                              onFailed=self._showSessionRegionSettings)
 
     def _onRegionsFetched(self, ranked) -> None:
         p = self._parameterNode
@@ -599,11 +605,14 @@ class SSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._showRegionCount(result)
         self._editTimer.start()  # the visited regions were reset, so the reviewed-voxel count changes
 
-    def _showSessionUncertaintyKind(self) -> None:
-        """After a failed or cancelled change of kind: the panel shows the kind whose regions are under review."""
+    def _showSessionRegionSettings(self) -> None:
+        """After a failed or cancelled change: the panel shows the kind and threshold whose regions are under review."""
         p = self._parameterNode
         if p is not None and self.session is not None and self.session.result is not None:
+            wasModified = p.StartModify()
             p.uncertaintyKind = UncertaintyKind(self.session.result.kind)
+            p.regionThreshold = self.session.result.threshold
+            p.EndModify(wasModified)
 
     def _applyDisplaySettings(self) -> None:
         p = self._parameterNode
@@ -707,6 +716,22 @@ class SSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             model=self.session.result.model_version)
         self.ui.submitStatusLabel.setStyleSheet("color: #1e8449;")
 
+    def onUndoSubmit(self) -> None:
+        last = self.session.last_submission
+        if not slicer.util.confirmYesNoDisplay(
+                _("Take revision {rev} of {case} out of training? It stays in the case's history, and training uses "
+                  "the case as it was before this submission.").format(
+                    rev=last["revision"].get("revision", "?"), case=self.session.case.case_id),
+                windowTitle=_("SSLSegment")):
+            return
+        self._runInBackground(_("Withdrawing the submission"), self.session.withdraw_submission, self._onWithdrawn)
+
+    def _onWithdrawn(self, exclusion: dict) -> None:
+        self.ui.submitStatusLabel.text = _(
+            "Revision {rev} withdrawn (exclusion {id}): training uses the case as before it. Fetch the next case.").format(
+            rev=exclusion.get("revision", "?"), id=exclusion.get("id", "?"))
+        self.ui.submitStatusLabel.setStyleSheet("")
+
     # ---- training and models --------------------------------------------------------------------------------
 
     def onStartTraining(self) -> None:
@@ -803,7 +828,12 @@ class SSLSegmentLogic(ScriptedLoadableModuleLogic, ReviewSceneLogic):
         image = logic.showCase("/path/case.nrrd")
     """
 
-    TORCH_VERSION = ">=2.2"
+    @staticmethod
+    def torchSpecifier() -> str:
+        """The version part of the backend's torch requirement, as PyTorch Util takes it (">=2.2")."""
+        from SSLSegmentLib.review.requirements import TORCH_REQUIREMENT
+
+        return TORCH_REQUIREMENT[len("torch"):].strip()
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
@@ -843,12 +873,22 @@ class SSLSegmentLogic(ScriptedLoadableModuleLogic, ReviewSceneLogic):
         library). Local mode runs the backend with Slicer's Python: PyTorch (through the PyTorch extension, which
         picks the CUDA build for the GPU), MONAI, FastAPI and uvicorn.
         """
-        import importlib.util
-
-        from SSLSegmentLib.review.requirements import LOCAL_BACKEND_REQUIREMENTS, missing_requirements
+        from SSLSegmentLib.review.requirements import (
+            LOCAL_BACKEND_REQUIREMENTS,
+            TORCH_REQUIREMENT,
+            missing_requirements,
+            torch_status,
+        )
 
         missing = missing_requirements(LOCAL_BACKEND_REQUIREMENTS) if local else []
-        needTorch = local and importlib.util.find_spec("torch") is None
+        torchState, torchVersion = torch_status() if local else ("ok", None)
+        if torchState == "old":
+            # Replacing a torch that Slicer may have loaded needs a restart, and the build (CPU or which CUDA) is
+            # the PyTorch extension's choice: say what to do rather than reinstall behind its back.
+            raise InstallError(_("PyTorch {v} is installed; the local backend needs {req}. In the PyTorch Util "
+                                 "module, set the version requirement to '{spec}', install, and restart Slicer.").format(
+                v=torchVersion, req=TORCH_REQUIREMENT, spec=self.torchSpecifier()), restartRequired=True)
+        needTorch = torchState == "missing"
         if not missing and not needTorch:
             return False
         listing = ", ".join((["torch (PyTorch)"] if needTorch else []) + missing)
@@ -866,12 +906,15 @@ class SSLSegmentLogic(ScriptedLoadableModuleLogic, ReviewSceneLogic):
                                      "and try again."), restartRequired=True) from None
             torchLogic = PyTorchUtils.PyTorchUtilsLogic()
             if not torchLogic.torchInstalled():
-                torch = torchLogic.installTorch(askConfirmation=False, torchVersionRequirement=self.TORCH_VERSION)
+                with slicer.util.WaitCursor():
+                    torch = torchLogic.installTorch(askConfirmation=False,
+                                                    torchVersionRequirement=self.torchSpecifier())
                 if torch is None:
                     raise InstallError(_("PyTorch was not installed."))
         alreadyImported = [r for r in missing if r.split(">")[0].split("=")[0].strip().lower() in sys.modules]
         if missing:
-            slicer.util.pip_install(missing)
+            with slicer.util.WaitCursor():  # only around the install: the questions above are asked without it
+                slicer.util.pip_install(missing)
         still = missing_requirements(missing)
         if still:
             raise InstallError(_("Could not install: {p}").format(p=", ".join(still)))

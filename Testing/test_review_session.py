@@ -84,6 +84,18 @@ def test_missing_requirements_checks_versions_without_importing():
     assert missing_requirements(["surely-not-installed-sslsegment-pkg>=1"]) == ["surely-not-installed-sslsegment-pkg>=1"]
 
 
+def test_an_installed_torch_too_old_for_the_backend_is_told_apart_from_a_missing_one():
+    from importlib import metadata
+
+    from SSLSegmentLib.review.requirements import TORCH_REQUIREMENT, torch_status
+
+    installed = metadata.version("torch")
+    assert torch_status() == ("ok", installed)
+    assert torch_status(TORCH_REQUIREMENT) == ("ok", installed)
+    assert torch_status("torch>=999") == ("old", installed)  # installed, but not what the backend needs
+    assert torch_status("surely-not-installed-sslsegment-torch>=1") == ("missing", None)
+
+
 def test_job_descriptions_for_the_status_line():
     assert describe_job(None) == "No training job."
     running = {"status": "running", "progress": {"step": 30, "iterations": 120, "val_dice": 0.812, "eta_s": 41.6}}
@@ -442,6 +454,63 @@ def test_the_panel_asks_before_discarding_review_work_and_offers_one_call_at_a_t
     assert unsaved_work(session, edited_voxels=1) is None  # submitted: nothing left to lose
     assert not controls(session, PanelInputs())["submit"]
     assert controls(None, PanelInputs()) == {**{k: False for k in on}, "connect": True}
+
+
+def test_the_panel_follows_a_kind_or_threshold_changed_after_run(trained_session):
+    """The regions table is the session's, of one map at one threshold: a change in the panel after Run is a fetch of
+    that map's regions; once fetched, nothing more is asked for."""
+    from SSLSegmentLib.review.presenter import regions_to_fetch
+
+    session = trained_session
+    session.fetch_next_case()
+    assert regions_to_fetch(session, "entropy", 0.5) is None  # nothing run yet: nothing to follow
+    result = session.infer(passes=2, uncertainty="entropy")
+    assert regions_to_fetch(session, result.kind, result.threshold) is None
+    assert regions_to_fetch(session, "mutual_information", result.threshold) == ("mutual_information",
+                                                                                 result.threshold)
+    threshold = float(np.quantile(result.uncertainty["entropy"].array, 0.99))
+    wanted = regions_to_fetch(session, "entropy", threshold)
+    assert wanted == ("entropy", pytest.approx(threshold))
+    session.apply_regions(session.fetch_regions(*wanted))
+    assert session.result.threshold == pytest.approx(threshold) and regions_to_fetch(session, *wanted) is None
+    _assert_regions_are_of(result.uncertainty["entropy"].array, session.result)
+    assert regions_to_fetch(None, "entropy", 0.5) is None
+    session.uncertainty_kind, session.threshold = "entropy", 0.5
+
+
+def test_undo_submit_takes_the_revision_out_of_training_and_keeps_the_history(trained_session, backend):
+    """The way back from a wrong Submit: an audited exclusion of that revision; the files and the label history stay,
+    the snapshot a training job takes leaves it out; pressing Undo again (after a Cancel) makes no second record."""
+    from SSLSegmentLib.review.presenter import PanelInputs, controls
+    from training.datastore import Datastore
+    from training.training_set import training_snapshot
+
+    session = trained_session
+    case = session.fetch_next_case()
+    result = session.infer(passes=2)
+    with pytest.raises(SessionError):
+        session.withdraw_submission()  # nothing submitted yet
+    corrected = result.label.array.copy()
+    corrected[1:3, 1:4, 1:4] = 1 - corrected[1:3, 1:4, 1:4]
+    revision = session.submit(corrected)["revision"]
+    assert controls(session, PanelInputs())["undo_submit"]
+    history = session.client.label_history(case.case_id)
+
+    def trained_on() -> list[int]:
+        store = Datastore(backend.datastore)
+        try:
+            return training_snapshot(store)["train"].get(case.case_id, [])
+        finally:
+            store.close()
+
+    assert revision in trained_on()
+    record = session.withdraw_submission()
+    assert record["case_id"] == case.case_id and record["revision"] == revision and record["author"] == "alice"
+    assert session.withdraw_submission() == record  # again: the same exclusion, not a second one
+    assert [e["id"] for e in session.client.exclusions() if e["revision"] == revision] == [record["id"]]
+    assert not controls(session, PanelInputs())["undo_submit"]
+    assert session.client.label_history(case.case_id) == history  # immutable: nothing removed or rewritten
+    assert revision not in trained_on()
 
 
 def test_stopping_the_local_backend_ends_its_processes(backend):

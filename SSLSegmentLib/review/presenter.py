@@ -6,6 +6,7 @@ a real session against a real backend (Testing/test_review_presenter.py) rather 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from SSLSegmentLib.review.session import ReviewSession, SessionState
@@ -46,6 +47,8 @@ def controls(session: ReviewSession | None, inputs: PanelInputs) -> dict[str, bo
         "previous_region": inferred and idle and bool(session.regions),
         "submit": inferred and idle,
         "skip_case": reviewing and idle,
+        "undo_submit": (state == SessionState.SUBMITTED and idle and session.last_submission is not None
+                        and not session.last_submission.get("withdrawn")),
         "start_training": connected and idle and not job_active,
         "stop_training": job_active,
         "refresh_models": connected and idle,
@@ -75,4 +78,19 @@ def unsaved_work(session: ReviewSession | None, edited_voxels: int) -> str | Non
             "Discard them? (No keeps the case as it is; Submit sends them.)")
 
 
-__all__ = ["PanelInputs", "controls", "unsaved_work"]
+def regions_to_fetch(session: ReviewSession | None, kind: str, threshold: float) -> tuple[str, float] | None:
+    """The (kind, threshold) whose regions the panel must ask the backend for, or None when the regions under review
+    are already of the map and threshold the panel is set to.
+
+    The regions table, the markups and the reviewed mask are the session's, of one map at one threshold: a kind or
+    threshold changed after Run would otherwise leave a table of the old one next to the new settings.
+    """
+    if session is None or session.state != SessionState.INFERRED or session.result is None:
+        return None
+    result = session.result
+    if kind == result.kind and math.isclose(float(threshold), result.threshold, rel_tol=0.0, abs_tol=1e-6):
+        return None
+    return kind, float(threshold)
+
+
+__all__ = ["PanelInputs", "controls", "regions_to_fetch", "unsaved_work"]

@@ -38,6 +38,22 @@ def missing_requirements(requirements) -> list[str]:
     return missing
 
 
+def torch_status(requirement: str = TORCH_REQUIREMENT) -> tuple[str, str | None]:
+    """Whether the installed PyTorch satisfies `requirement`, from package metadata (torch is not imported: that
+    takes seconds and cannot be undone in a running Slicer). Returns ("ok" | "missing" | "old", installed version).
+
+    A torch importable without metadata (a build on the path) is taken as it is: there is nothing to compare."""
+    import importlib.util
+    from importlib import metadata
+
+    name = requirement.split(">")[0].split("=")[0].split("<")[0].strip()
+    try:
+        version = metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return ("ok", None) if importlib.util.find_spec(name) is not None else ("missing", None)
+    return ("old", version) if missing_requirements([requirement]) else ("ok", version)
+
+
 def which_python_slicer() -> str | None:
     """PythonSlicer next to the running Slicer, if any (the interpreter a local backend must use)."""
     return shutil.which("PythonSlicer")

@@ -564,6 +564,25 @@ class ReviewSession:
         self.state = SessionState.SUBMITTED
         return revision
 
+    def withdraw_submission(self, reason: str | None = None) -> dict:
+        """Undo the last Submit: its revision is taken out of training by an audited exclusion, so the case trains as
+        before it (on its earlier revision, if any); the revision's files and the label history stay as they are.
+
+        Safe to repeat (after a Cancel, say): a revision already excluded answers with its exclusion. Returns the
+        exclusion record; `last_submission["withdrawn"]` holds it from then on.
+        """
+        self._require(SessionState.SUBMITTED, action="withdraw a submission")
+        last = self.last_submission
+        number = int(last["revision"]["revision"])
+        case_id = self.case.case_id
+        standing = [e for e in self.client.exclusions(active=True)
+                    if e["case_id"] == case_id and e.get("revision") == number]
+        record = standing[0] if standing else self.client.exclude(
+            case_id, reason=reason or f"withdrawn by {self.annotator} in review", revision=number,
+            author=self.annotator)
+        last["withdrawn"] = record
+        return record
+
     # ---- training and models ------------------------------------------------------------------------------
 
     def start_training(self, **params) -> dict:
