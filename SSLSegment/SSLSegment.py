@@ -951,6 +951,7 @@ class SSLSegmentLogic(ScriptedLoadableModuleLogic, ReviewSceneLogic):
 class SSLSegmentTest(ScriptedLoadableModuleTest):
     """Runs inside Slicer (ctest: py_SSLSegment, or the Reload & Test button).
 
+    test_ShortcutsOnlyInTheModule: the next/previous region keys exist only while the module is shown.
     test_ReviewLogic: the Logic on the application's scene with phantom data: heat overlay, segmentation import,
     review regions, slice jumps, the corrected label map and its reviewed mask, .seg.nrrd saved and loaded back
     through Slicer's own loader.
@@ -963,9 +964,22 @@ class SSLSegmentTest(ScriptedLoadableModuleTest):
 
     def runTest(self):
         self.setUp()
+        self.test_ShortcutsOnlyInTheModule()
+        self.setUp()
         self.test_ReviewLogic()
         self.setUp()
         self.test_ReviewSessionOnLocalBackend()
+
+    def test_ShortcutsOnlyInTheModule(self):
+        """The region keys exist while the module is shown and are gone in another module."""
+        self.delayDisplay("Region shortcuts only while the module is shown")
+        slicer.util.selectModule("SSLSegment")
+        widget = slicer.modules.sslsegment.widgetRepresentation().self()
+        self.assertEqual(len(widget._shortcuts), 2)
+        slicer.util.selectModule("Data")
+        self.assertEqual(len(widget._shortcuts), 0)
+        slicer.util.selectModule("SSLSegment")
+        self.assertEqual(len(widget._shortcuts), 2)
 
     def _phantomCase(self, folder):
         import numpy as np

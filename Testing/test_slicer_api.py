@@ -31,6 +31,9 @@ APPLICATION_ONLY = {
     "slicer.ScriptedLoadableModule": "Base/Python/slicer/ScriptedLoadableModule.py",
     "slicer.parameterNodeWrapper": "Base/Python/slicer/parameterNodeWrapper/__init__.py (wrapper.py, validators.py)",
     "slicer.i18n": "Base/Python/slicer/i18n.py (tr, translate)",
+    "slicer.modules": "Base/Python/slicer/__init__.py (the slicer.modules namespace, one attribute per loaded "
+                      "module, each a qSlicerAbstractCoreModule; widgetRepresentation() in "
+                      "Base/QTCore/qSlicerAbstractCoreModule.h)",
 }
 
 CORE_PREFIXES = ("vtkMRML", "vtkSlicer", "vtkSegment", "vtkOriented")

@@ -224,3 +224,26 @@ def test_the_panels_uncertainty_kinds_are_the_contracts(module_ast):
                    and isinstance(n.target, ast.Name) and n.target.id == "uncertaintyKind")
     assert ast.unparse(default.annotation) == "UncertaintyKind"
     assert members[ast.unparse(default.value).split(".")[-1]] == DEFAULT_UNCERTAINTY
+
+
+def _calls_in(tree, class_name: str, method: str) -> list[str]:
+    """The calls made in `class_name.method`, as source text ("editor.setActiveEffect(None)", ...), in order."""
+    cls = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == class_name)
+    fn = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == method)
+    return [ast.unparse(n) for n in ast.walk(fn) if isinstance(n, ast.Call)]
+
+
+def test_keyboard_shortcuts_live_only_while_the_module_is_shown(module_ast):
+    """What Slicer's Segment Editor module does on enter/exit, for the embedded editor; the region keys are made on
+    enter and removed on exit and cleanup, never in setup (where they would fire in every module and count regions
+    as reviewed). The in-Slicer half is SSLSegmentTest.test_ShortcutsOnlyInTheModule."""
+    enter = _calls_in(module_ast, "SSLSegmentWidget", "enter")
+    exit_ = _calls_in(module_ast, "SSLSegmentWidget", "exit")
+    assert "editor.installKeyboardShortcuts()" in enter and "self._installShortcuts()" in enter
+    assert {"editor.setActiveEffect(None)", "editor.uninstallKeyboardShortcuts()", "self._removeShortcuts()"} <= set(exit_)
+    assert "self._removeShortcuts()" in _calls_in(module_ast, "SSLSegmentWidget", "cleanup")
+    makers = [name for name in ("setup", "enter", "exit", "cleanup", "_installShortcuts")
+              if any("QShortcut(" in call for call in _calls_in(module_ast, "SSLSegmentWidget", name))]
+    assert makers == ["_installShortcuts"]
+    assert not any("installKeyboardShortcuts" in call or "_installShortcuts" in call
+                   for call in _calls_in(module_ast, "SSLSegmentWidget", "setup"))
