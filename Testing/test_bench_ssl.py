@@ -71,6 +71,45 @@ def test_table_names_the_device_and_flags_a_reduced_run():
     assert "| lcc | 70.00 ± 10.00 |" in md and "33%" in md
 
 
+def test_largest_component_scores_are_summarised_and_tabled_beside_the_raw_ones():
+    def with_lcc(run, dice):
+        lcc = {"dice": dice, "jaccard": dice / (2 - dice), "hd95_vox": 3.0, "asd_vox": 0.5}
+        return {**run, "test_lcc": lcc, "test_lcc_sd_over_cases": {k: 0.05 for k in lcc}}
+
+    runs = [with_lcc(_run("supervised", 4, 0, 0.60), 0.70), with_lcc(_run("full", "all", 0, 0.90), 0.91),
+            with_lcc(_run("brl", 4, 0, 0.80), 0.85)]
+    summary = summarize_runs(runs, ["supervised", "full", "brl"], [4])
+    brl = summary["4"]["brl"]
+    assert brl["gap_closed_test"] == pytest.approx((0.80 - 0.60) / (0.90 - 0.60))
+    assert brl["gap_closed_test_lcc"] == pytest.approx((0.85 - 0.70) / (0.91 - 0.70))  # against cut rows only
+    result = {"profile": "la-quick", "description": "d", "seeds": [0], "config": PROFILES["la-quick"].config | {
+              "network": {"arch": "unet", "channels": [16]}}, "environment": {"device": "cpu", "machine": "x86_64",
+              "processor": "x86_64", "cpu_threads": 1, "python": "3", "torch": "2", "monai": "1", "date": "today"},
+              "summary": summary}
+    table = markdown_table(result)
+    assert "largest component: Dice %" in table
+    assert "| brl | 80.00 ± 10.00 |" in table and "85.00 ± 5.00 | 71% |" in table
+
+
+def test_the_largest_component_cut_keeps_each_classs_biggest_blob_only():
+    import numpy as np
+
+    from SSLSegmentLib.ml.evaluation import largest_component
+
+    label = np.zeros((8, 10, 10), np.uint8)
+    label[1:4, 1:4, 1:4] = 1  # 27 voxels
+    label[6, 8, 8] = 1  # a stray voxel of class 1
+    label[5:7, 1:3, 6:9] = 2  # class 2: its own largest blob, kept
+    label[0, 9, 0] = 2
+    cut = largest_component(label)
+    assert cut.dtype == label.dtype and cut.shape == label.shape
+    assert (cut == 1).sum() == 27 and cut[6, 8, 8] == 0
+    assert (cut == 2).sum() == 12 and cut[0, 9, 0] == 0
+    diagonal = np.zeros((4, 4, 4), np.uint8)
+    diagonal[0, 0, 0] = diagonal[1, 1, 1] = 1  # 26-connected: one component, nothing cut
+    np.testing.assert_array_equal(largest_component(diagonal), diagonal)
+
+
 def test_fit_iterations_packs_runs_into_the_time_budget():
     from benchmarks.ssl_methods import fit_iterations
 
