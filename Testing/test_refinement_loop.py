@@ -165,14 +165,28 @@ def test_guided_random_ratio_only_between_two_gains():
     assert gain_ratio(None, 0.1) is None and gain_ratio(0.1, 0.0) is None and gain_ratio(float("nan"), 0.1) is None
 
 
+def tiny_dataset_shape(root) -> tuple:
+    from SSLSegmentLib.data.dataset import DataSet
+
+    ds = DataSet(root)
+    return ds.load_pair(ds.splits["train"][0])[0].shape
+
+
 def test_loop_round_and_report(base, tiny_dataset, tmp_path):
     from benchmarks.refinement import Console, run_loop, save_detail, load_detail, summarize
     from benchmarks.report import write_report
 
-    cfg = _config(arms=["uncertainty", "none"], rounds=1, cases_per_round=1)
+    cfg = _config(arms=["uncertainty", "none", "whole_case"], rounds=1, cases_per_round=1)
     result = run_loop(tiny_dataset, tmp_path / "work", cfg, Console(quiet=True), base=base)
     s = result["summary"]["arms"]
-    g, n = s["uncertainty"], s["none"]
+    g, n, w = s["uncertainty"], s["none"], s["whole_case"]
+    # Whole-case labeling: the same first case (same teacher, same ranking), the truth everywhere as a final label,
+    # charged the target's box plus a margin, which is more than the guided review and less than the whole case.
+    whole = result["arms"]["whole_case"]["rounds"][0]["reviews"][0]
+    assert whole["submit_kind"] == "final" and whole["errors_after"] == 0 and whole["dice_after"] == 1.0
+    assert g["reviewed_voxels"] < w["reviewed_voxels"] < int(np.prod(tiny_dataset_shape(tiny_dataset)))
+    assert w["cumulative_effort"] == [0, w["reviewed_voxels"]] and w["retention"] is None  # no correction in it
+    assert 0.0 <= g["retention"] <= 1.0 and g["retention_per_round"] == [g["retention"]]
     reviews = result["arms"]["uncertainty"]["rounds"][0]["reviews"]
     assert len(reviews) == 1 and g["n_cases"] == 1 and n["n_cases"] == 0
     assert g["reviewed_voxels"] == reviews[0]["spent"] > 0 and n["reviewed_voxels"] == 0

@@ -171,3 +171,27 @@ def test_bad_arguments_are_refused():
         correct_segmentation(pred, truth[:-1], np.zeros_like(pred))
     with pytest.raises(ValueError, match="differ in shape"):
         plan_uncertainty(rank_map, unc[:-1], 10)
+
+
+def test_whole_case_labeling_fixes_everything_and_is_charged_its_targets_box():
+    from benchmarks.simulated_clinician import WHOLE_CASE_MARGIN, plan_whole_case
+
+    shape = (20, 30, 40)
+    truth = np.zeros(shape, np.uint8)
+    truth[8:12, 10:20, 15:25] = 1
+    pred = np.zeros(shape, np.uint8)
+    pred[9:13, 12:22, 15:20] = 1  # off by a little; its box reaches one slice further
+    plan = plan_whole_case(pred, truth, margin=2)
+    assert plan.strategy == "whole" and plan.reviewed.all()
+    assert plan.spent == plan.effort == (13 - 8 + 4) * (22 - 10 + 4) * (25 - 15 + 4)  # box of both, 2 per side
+    np.testing.assert_array_equal(correct_segmentation(pred, truth, plan.reviewed), truth)
+    # Clipped to the volume, and the whole volume when there is nothing to find.
+    edge = np.zeros(shape, np.uint8)
+    edge[0, 0, 0] = 1
+    assert plan_whole_case(edge, edge, margin=3).spent == 4 * 4 * 4
+    assert plan_whole_case(np.zeros(shape, np.uint8), np.zeros(shape, np.uint8)).spent == int(np.prod(shape))
+    assert plan_whole_case(pred, truth).spent > plan.spent and WHOLE_CASE_MARGIN > 2
+    with pytest.raises(ValueError, match="margin"):
+        plan_whole_case(pred, truth, margin=-1)
+    assert plan_review("whole", prediction=pred, uncertainty=np.zeros(shape, np.float32),
+                       rank_map=np.zeros(shape, np.int32), budget=10, truth=truth).spent == plan_whole_case(pred, truth).spent

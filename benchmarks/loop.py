@@ -30,7 +30,7 @@ from benchmarks.refinement import Console, LoopConfig, finetune_params, gain_rat
 
 RESULTS = Path("benchmarks/results")
 REPO = Path(__file__).resolve().parents[1]
-MAIN_ARMS = ["uncertainty", "random", "boundary", "oracle", "none", "uncertainty-full-label"]
+MAIN_ARMS = ["uncertainty", "random", "boundary", "oracle", "none", "uncertainty-full-label", "whole_case"]
 
 
 @dataclass
@@ -129,6 +129,10 @@ def aggregate(runs: list[dict]) -> dict:
                "promoted": [sum(row["promoted"]) for row in rows], "n": len(rows)}
         for k in keys:
             agg[k] = _mean_sd([row[k] for row in rows])
+        agg["gain_vs_none_per_seed"] = [row["gain_vs_none"] for row in rows]
+        agg["retention"] = _mean_sd([row.get("retention") for row in rows])
+        if all("cumulative_effort" in row for row in rows):
+            agg["cumulative_effort"] = [_mean_sd([row["cumulative_effort"][i] for row in rows]) for i in range(n_rounds)]
         agg["auroc_final"] = _mean_sd([row["error_detection_final"].get("auroc") for row in rows])
         agg["top5_final"] = _mean_sd([row["error_detection_final"].get("top5_recall") for row in rows])
         out["arms"][a] = agg
@@ -170,7 +174,8 @@ def markdown(result: dict) -> str:
     rounds = cfg["rounds"]
     names = {"uncertainty": "uncertainty-guided (ours)", "random": "random regions, same sizes",
              "boundary": "random regions on the predicted edge", "oracle": "oracle (largest errors)",
-             "none": "no correction (retrain only)", "uncertainty-full-label": "guided, folded in as full label"}
+             "none": "no correction (retrain only)", "uncertainty-full-label": "guided, folded in as full label",
+             "whole_case": "whole-case labeling (most uncertain case, final label)"}
     sd_note = "mean ± sd over seeds" if len(seeds) > 1 else "one seed"
     lines = [
         f"# Refinement-loop benchmark: profile `{result['profile']}`",
@@ -210,6 +215,25 @@ def markdown(result: dict) -> str:
             f"{_f(row['fixed_per_1000'], 1, 0)} | {_f(row['case_gain_per_1000'], 100, 2)} | {_f(row['gain'], sign=True)} | "
             f"{_f(row['gain_per_1000'], 100, 3, True)} | {_f(row['gain_vs_none'], sign=True)} | "
             f"{_f(row['gain_vs_none_per_1000'], 100, 3, True)} |")
+    lines += [
+        "",
+        "## Test Dice against cumulative effort",
+        "",
+        "Per arm and round: the reviewed voxels so far (whole-case labeling: its cases' target boxes plus a margin, "
+        "`simulated_clinician.plan_whole_case`) → test Dice %. Retention: the fraction of the corrections' reviewed "
+        "voxels the current model reproduces after the last retrain; *beyond retraining per seed*: final Dice minus "
+        "the no-correction arm's, seed by seed.",
+        "",
+        "| strategy | " + " | ".join(["start"] + [f"round {i}" for i in range(1, rounds + 1)]) +
+        " | retention | beyond retraining per seed |",
+        "|---|" + "---|" * (rounds + 3),
+    ]
+    for a, row in agg["arms"].items():
+        effort = row.get("cumulative_effort") or [None] * len(row["dice"])
+        cells = [("" if e is None or e[0] is None else f"{e[0]:.0f} → ") + _f(d) for e, d in zip(effort, row["dice"])]
+        per_seed = ", ".join("n/a" if g is None else f"{100 * g:+.2f}" for g in row.get("gain_vs_none_per_seed", []))
+        lines.append(f"| {names.get(a, a)} | " + " | ".join(cells) +
+                     f" | {_f(row.get('retention'), 100, 1)} | {per_seed} |")
     rat = agg["guided_vs_random"]
 
     def r(key):

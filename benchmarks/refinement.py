@@ -41,6 +41,9 @@ ARMS = {
     # The same guided review, folded in as a full label (the prediction outside the reviewed voxels taken as truth),
     # which is what MONAI Label does with a submitted segmentation.
     "uncertainty-full-label": ("uncertainty", "final"),
+    # Whole-case labeling (MONAI Label's active learning): the most uncertain case labeled completely, folded in as
+    # a final label; its effort is the target's bounding box plus a margin (simulated_clinician.plan_whole_case).
+    "whole_case": ("whole", "final"),
 }
 ANNOTATOR = "simulated-clinician"
 
@@ -343,6 +346,10 @@ def run_arm(arm: str, base_dir: Path, arm_dir: Path, data_dir: Path, cfg: LoopCo
                 "edited_voxels": int(sum(v["edited"] for v in reviews)),
                 "job": {k: res.get(k) for k in ("model_version", "promoted", "reason", "val_dice", "parent_val_dice",
                                                  "train_seconds", "n_scored", "best_step")},
+                # Of the model now current: the retrained one if promoted, else its parent (the worker measures both
+                # on every correction in the training set).
+                "retention": (res.get("retention") if res.get("promoted") else res.get("parent_retention") or {}
+                              ).get("overall"),
                 "current_version": version,
                 "test_dice": test["dice_mean"],
                 "test_dice_cases": test["dice"],
@@ -419,8 +426,9 @@ def _describe(arm: str) -> str:
     strategy, kind = ARMS[arm]
     what = {"uncertainty": "the backend's uncertainty regions in rank order",
             "random": "random regions of the same sizes", "boundary": "random regions of the same sizes on the predicted edge",
-            "oracle": "the largest error components (upper reference)", "none": "no correction, retrain only"}[strategy]
-    return what + (", submitted as a full label" if kind == "final" else "")
+            "oracle": "the largest error components (upper reference)", "none": "no correction, retrain only",
+            "whole": "the whole case labeled (effort: its target's bounding box plus a margin)"}[strategy]
+    return what + (", submitted as a full label" if kind == "final" and strategy != "whole" else "")
 
 
 # -- summaries ---------------------------------------------------------------------------------------------------
@@ -454,6 +462,11 @@ def summarize(result: dict) -> dict:
             "case_gain_per_1000": (1000.0 * sum(v["dice_after"] - v["dice_before"] for v in reviews) / reviewed
                                    if reviewed else None),
             "promoted": [bool(r["job"]["promoted"]) for r in a["rounds"]],
+            # Fraction of the corrections' reviewed voxels the current model reproduces after the last retrain
+            # (None where the arm folded in no correction: none, or final labels only).
+            "retention": a["rounds"][-1].get("retention") if a["rounds"] else None,
+            "retention_per_round": [r.get("retention") for r in a["rounds"]],
+            "cumulative_effort": [0] + list(np.cumsum([r["reviewed_voxels"] for r in a["rounds"]]).astype(int).tolist()),
             "error_detection_final": a["final_eval"]["error_detection"],
             "seconds": a["seconds"],
         }

@@ -23,6 +23,7 @@ ARM_STYLE = {
     "boundary": ("#4a7fb5", "-", "^", "random regions on the predicted edge"),
     "oracle": ("#1a9850", "--", "v", "oracle: largest error components"),
     "none": ("#000000", ":", "x", "no correction (retrain only)"),
+    "whole_case": ("#762a83", "-.", "P", "whole-case labeling (final label)"),
 }
 
 

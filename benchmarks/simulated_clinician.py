@@ -21,6 +21,11 @@ Review strategies, all spending the same number of voxels on a case:
 - ``oracle``: the prediction's connected error components (26-connected; needs the truth), largest first, the last
   one in part: every reviewed voxel is an error. The upper reference at effort E.
 - ``none``: nothing is reviewed or submitted.
+- ``whole``: whole-case labeling, the MONAI Label active-learning way: the case is labeled completely (the truth
+  everywhere, submitted as a final label). Its effort is not the budget but the voxels of the target's bounding box
+  (truth or prediction) grown by `WHOLE_CASE_MARGIN` voxels per side, clipped to the volume: that is where a reader
+  who labels a case looks voxel by voxel, while the rest of the field of view is background seen at a glance.
+  Counting every voxel of the case would charge it ~10x more on LA and make any comparison a foregone conclusion.
 
 The planning functions are pure numpy and work on (z, y, x) arrays; `SimulatedClinician` does the backend side
 through `SSLSegmentClient`, so the product path is exercised for real.
@@ -45,7 +50,9 @@ from SSLSegmentLib.data.volume import ImageError, Volume
 from SSLSegmentLib.ml.metrics import dice
 from SSLSegmentLib.review.client import SSLSegmentClient
 
-STRATEGIES = ("uncertainty", "random", "boundary", "oracle", "none")
+STRATEGIES = ("uncertainty", "random", "boundary", "oracle", "none", "whole")
+# Voxels added on each side of the target's bounding box when counting a whole-case label's effort.
+WHOLE_CASE_MARGIN = 5
 SUBMIT_KINDS = ("correction", "final")
 
 __all__ = [
@@ -63,6 +70,7 @@ __all__ = [
     "plan_random",
     "plan_review",
     "plan_uncertainty",
+    "plan_whole_case",
     "voxel_budget",
 ]
 
@@ -79,7 +87,8 @@ class ReviewPlan:
 
     reviewed: uint8 (z, y, x), 1 = reviewed. pieces: one entry per visited region, in visiting order:
     {"rank" (uncertainty regions) or "index", "voxels", "partial"}. budget: B; effort: the voxel count every strategy
-    spends on this case (E <= B).
+    spends on this case (E <= B). counted: the clinician's effort when it is not the reviewed voxel count (a
+    whole-case label reviews every voxel but is charged its target's box); None = the reviewed voxels.
     """
 
     strategy: str
@@ -87,10 +96,12 @@ class ReviewPlan:
     pieces: list[dict] = field(default_factory=list)
     budget: int = 0
     effort: int = 0
+    counted: int | None = None
 
     @property
     def spent(self) -> int:
-        return int(self.reviewed.sum())
+        """The effort charged for this plan: reviewed voxels, or `counted` where that is set."""
+        return int(self.reviewed.sum()) if self.counted is None else int(self.counted)
 
     @property
     def sizes(self) -> list[int]:
@@ -240,6 +251,25 @@ def plan_oracle(prediction: np.ndarray, truth: np.ndarray, effort: int, spacing_
                       int(effort))
 
 
+def plan_whole_case(prediction: np.ndarray, truth: np.ndarray, margin: int = WHOLE_CASE_MARGIN,
+                    budget: int = 0) -> ReviewPlan:
+    """Every voxel reviewed (the label becomes the truth everywhere); the effort charged is the bounding box of
+    truth ∪ prediction grown by `margin` voxels per side and clipped to the volume (the whole volume when both are
+    empty: the reader had to look everywhere to find nothing)."""
+    if prediction.shape != truth.shape:
+        raise ValueError(f"prediction {prediction.shape} and truth {truth.shape} differ in shape")
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    target = np.argwhere((truth > 0) | (prediction > 0))
+    if target.size == 0:
+        counted = int(np.prod(prediction.shape))
+    else:
+        lo = np.maximum(target.min(0) - margin, 0)
+        hi = np.minimum(target.max(0) + margin + 1, prediction.shape)
+        counted = int(np.prod(hi - lo))
+    return ReviewPlan("whole", np.ones(prediction.shape, np.uint8), [], int(budget), counted, counted)
+
+
 def plan_none(shape, budget: int = 0) -> ReviewPlan:
     return ReviewPlan("none", np.zeros(shape, np.uint8), [], int(budget), 0)
 
@@ -256,6 +286,10 @@ def plan_review(strategy: str, *, prediction: np.ndarray, uncertainty: np.ndarra
         return guided
     if strategy == "none":
         return plan_none(prediction.shape, budget)
+    if strategy == "whole":
+        if truth is None:
+            raise ValueError("whole-case labeling needs the ground truth")
+        return plan_whole_case(prediction, truth, budget=budget)
     rng = rng if rng is not None else np.random.default_rng(0)
     if strategy == "random":
         return plan_random(guided.sizes, prediction.shape, rng, spacing_zyx, budget)

@@ -1,0 +1,45 @@
+"""The loop benchmark's aggregate over seeds and its tables: the keys the checks read, the effort curve, retention."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.loop import aggregate, markdown
+
+
+def _arm(dice, gain_vs_none, retention, effort):
+    return {"dice": dice, "promoted": [True] * (len(dice) - 1), "gain": dice[-1] - dice[0], "gain_per_1000": None,
+            "gain_vs_none": gain_vs_none, "gain_vs_none_per_1000": None, "fixed_per_1000": 100.0,
+            "case_gain_per_1000": 0.01, "reviewed_voxels": effort[-1], "edited_voxels": 10, "retention": retention,
+            "cumulative_effort": effort, "error_detection_final": {"auroc": 0.9, "top5_recall": 0.4}}
+
+
+def _run(seed, guided_final):
+    arms = {"uncertainty": _arm([0.70, 0.72, guided_final], guided_final - 0.71, 0.97, [0, 100, 200]),
+            "none": _arm([0.70, 0.70, 0.71], 0.0, None, [0, 0, 0]),
+            "whole_case": _arm([0.70, 0.74, 0.76], 0.05, None, [0, 3000, 6000])}
+    return {"seed": seed, "summary": {"arms": arms, "teacher_dice": 0.70,
+                                      "teacher_error_detection": {"auroc": 0.9, "top5_recall": 0.4, "error_rate": 0.01}}}
+
+
+def test_the_aggregate_holds_per_seed_gains_retention_and_the_effort_curve():
+    agg = aggregate([_run(0, 0.73), _run(1, 0.75)])
+    assert agg["n_seeds"] == 2
+    guided = agg["arms"]["uncertainty"]
+    assert guided["dice"][0] == (0.70, 0.0) and guided["dice"][-1][0] == pytest.approx(0.74)
+    assert guided["gain_vs_none_per_seed"] == pytest.approx([0.02, 0.04])
+    assert guided["gain_vs_none"][0] == pytest.approx(0.03)
+    assert guided["retention"] == (pytest.approx(0.97), 0.0)
+    assert [e[0] for e in guided["cumulative_effort"]] == [0, 100, 200]
+    assert agg["arms"]["none"]["retention"] == (None, None)  # no correction: nothing to retain
+    assert agg["arms"]["whole_case"]["cumulative_effort"][-1][0] == 6000
+
+    result = {"profile": "quick", "description": "d", "seeds": [0, 1], "aggregate": agg, "seconds": 1.0,
+              "cpu_seconds": 1.0, "config": {"rounds": 2, "finetune": {}, "teacher": {}},
+              "environment": {"machine": "x86_64", "processor": "x86_64", "cpu_threads": 1, "device": "cpu",
+                              "python": "3", "torch": "2", "monai": "1", "date": "today"}}
+    text = markdown(result)
+    assert "## Test Dice against cumulative effort" in text
+    assert "| whole-case labeling (most uncertain case, final label) | 0 → 70.00 | 3000 → 74.00 | 6000 → 76.00 |" in text
+    guided_row = next(line for line in text.splitlines() if line.startswith("| uncertainty-guided (ours) | 0 →"))
+    assert "97.0" in guided_row and "+2.00, +4.00" in guided_row
