@@ -528,6 +528,33 @@ class ReviewSceneLogic:
             self.showRegionBox(region, referenceVolumeNode)
         return ras
 
+    def zoomToRegion(self, region, referenceVolumeNode, margin: float = 3.0, min_voxels: int = 12) -> float:
+        """Zoom every slice view so the region's bounding box, `margin` times over, fills the shorter side of the view
+        (at least `min_voxels` voxels across, so a one-voxel region keeps some context). The aspect ratio and the slice
+        thickness stay as they are; call after `jumpToRegion`, which centres the views. Returns the side in mm."""
+        if margin < 1.0:
+            raise ValueError(f"margin must be >= 1, got {margin}")
+        if min_voxels < 1:
+            raise ValueError(f"min_voxels must be >= 1, got {min_voxels}")
+        spacing = np.linalg.norm(node_ijk_to_ras(referenceVolumeNode)[:3, :3], axis=0)
+        extent = (np.asarray(region.bbox_max_ijk, dtype=float) - np.asarray(region.bbox_min_ijk, dtype=float) + 1.0)
+        side = max(float(np.max(extent * spacing)) * margin, float(np.max(spacing)) * min_voxels)
+        for sliceNode in self.sliceNodes():
+            width, height, depth = sliceNode.GetFieldOfView()
+            if min(width, height) <= 0:
+                continue  # a view that was never laid out has no field of view to scale
+            scale = side / min(width, height)
+            sliceNode.SetFieldOfView(width * scale, height * scale, depth)
+        return side
+
+    @staticmethod
+    def voxelVolumeMl(volumeNode) -> float:
+        """The volume of one voxel of `volumeNode` in mL (0 without a node), for region sizes and edit counts."""
+        if volumeNode is None:
+            return 0.0
+        sx, sy, sz = volumeNode.GetSpacing()
+        return sx * sy * sz / 1000.0
+
     def showRegionBox(self, region, referenceVolumeNode):
         """An ROI box over the region's voxel bounding box, oriented with the image axes."""
         ijk_to_ras = node_ijk_to_ras(referenceVolumeNode)
