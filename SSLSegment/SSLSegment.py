@@ -355,17 +355,10 @@ class SSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         slicer.util.showStatusMessage(text, 5000)
 
     def _showError(self, what: str, exc: Exception) -> None:
-        from SSLSegmentLib.review.client import AuthError, BackendUnavailable, ConflictError
+        from SSLSegmentLib.review.presenter import failure_hint, failure_message
 
-        if isinstance(exc, AuthError):
-            hint = _("The backend refused the token. Paste the token printed by `sslsegment serve`.")
-        elif isinstance(exc, BackendUnavailable):
-            hint = _("The backend cannot be reached. Is it running, and is the address right?")
-        elif isinstance(exc, ConflictError) and "model" in str(exc).lower():
-            hint = _("The backend has no model yet: start a training job first (Training section).")
-        else:
-            hint = ""
-        message = f"{what} failed: {getattr(exc, 'message', None) or exc}"
+        hint = failure_hint(exc)  # the web page gives the same advice
+        message = failure_message(what, exc)
         self._setStatus(message, error=True)
         logging.error(message)
         slicer.util.errorDisplay(f"{message}\n\n{hint}".strip(), windowTitle=_("SSLSegment"))
