@@ -308,6 +308,17 @@ def _hot(rgb: np.ndarray) -> np.ndarray:
     return (r - b > 60) & (g - b > 40)
 
 
+def _shoot_until(page, path: Path, clip: dict, ready, timeout: float = 20.0) -> np.ndarray:
+    """Screenshots of `clip` until `ready(pixels)` holds or `timeout` s pass; the last one's pixels."""
+    deadline = time.monotonic() + timeout
+    while True:
+        page.screenshot(path=str(path), clip=clip)
+        rgb = _rgb(path)
+        if ready(rgb) or time.monotonic() > deadline:
+            return rgb
+        time.sleep(0.3)
+
+
 def test_review_in_the_browser(backend, web, browser, shots, tmp_path):
     started = time.monotonic()
     client = backend.client()
@@ -336,19 +347,17 @@ def test_review_in_the_browser(backend, web, browser, shots, tmp_path):
         page.click(f"#region-{rank}")
         page.wait_for_function(f"document.querySelector('#region-{rank} .visited-mark').innerText.includes('✓')",
                                timeout=10000)
-    time.sleep(1.5)  # the views re-render around region 2 and stream the new images
 
-    # The heat map: hot where the map is hot, gone when hidden.
+    # The heat map: hot where the map is hot (region 2, now at the view's centre), gone when hidden. The views
+    # stream new images a moment after each change, so each picture is retaken until it shows the change.
     axial = page.query_selector_all("#views img")[0].bounding_box()
     clip = {k: axial[k] for k in ("x", "y", "width", "height")}
+    centre = tuple(slice(int(n * 0.4), int(n * 0.6)) for n in (int(axial["height"]), int(axial["width"])))
+    on = _shoot_until(page, shots / "heat-on.png", clip, lambda rgb: _hot(rgb[centre]).mean() > 0.2)
     page.screenshot(path=str(shots / "web-review.png"))
-    page.screenshot(path=str(shots / "heat-on.png"), clip=clip)
     page.click("#heat-visible")
-    time.sleep(1.5)
-    page.screenshot(path=str(shots / "heat-off.png"), clip=clip)
+    off = _shoot_until(page, shots / "heat-off.png", clip, lambda rgb: 5 * max(1, _hot(rgb).sum()) < _hot(on).sum())
     page.click("#heat-visible")
-    on, off = _rgb(shots / "heat-on.png"), _rgb(shots / "heat-off.png")
-    centre = tuple(slice(int(n * 0.4), int(n * 0.6)) for n in on.shape[:2])  # region 2 is at the view's centre
     assert _hot(on[centre]).mean() > 0.2, "the heat map should colour the visited region"
     assert _hot(on).sum() > 5 * max(1, _hot(off).sum()), "hiding the heat map should take its colours away"
 
@@ -361,9 +370,9 @@ def test_review_in_the_browser(backend, web, browser, shots, tmp_path):
     effect = "mdi-brush" if (on_slice == 0).mean() >= 0.5 else "mdi-eraser"
     page.click(f"#editor button:has(.{effect})")
     time.sleep(0.5)
-    # The view shows about 12 voxels across the region: a raster over its middle fifth covers the region's centre.
+    # The view shows about 12 voxels across the region: a raster over its middle third covers the region's centre.
     x, y = axial["x"] + axial["width"] / 2, axial["y"] + axial["height"] / 2
-    half = min(axial["width"], axial["height"]) * 0.1
+    half = min(axial["width"], axial["height"]) * 0.15
     page.mouse.move(x - half, y - half)
     page.mouse.down()
     for row in range(5):
