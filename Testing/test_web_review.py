@@ -2,7 +2,7 @@
 
 The page's workflow (`SSLSegmentLib.web.review.WebReview`) is driven directly on a slicer-core scene; the page
 itself is driven in Debian's Chromium (headless, through Playwright) against the web server started by its own
-command: open, fetch the next case, run, visit two regions, paint a stroke inside one, reload, submit. The stored
+command: open, fetch the next case, run, visit two regions, paint a stroke over one, reload, submit. The stored
 revision is then read back from the backend: its reviewed mask must be exactly the visited regions plus the edited
 voxels, and a screenshot must show the heat map where the map is hot.
 
@@ -195,6 +195,12 @@ def test_the_page_workflow_on_a_scene(backend, tmp_path):
     assert stored["kind"] == "correction" and stored["author"] == "bob" and stored["reviewed_voxels"] == region.voxel_count
     assert str(backend.token) not in json.dumps(review.page())
 
+    # A case picked from the list, then given back.
+    other = next(c["value"] for c in review.cases if c["value"] != case_id)
+    assert act(review.open_case(other)) and session.case.case_id == other and session.state == SessionState.CASE_LOADED
+    assert review.page()["case"].startswith(other) and review.segmentation_node is None
+    assert act(review.skip_case()) and session.state == SessionState.CONNECTED and review.image_node is None
+
     # Unreachable backend: the page says so and how to go on.
     down = WebReview(ReviewSession(SSLSegmentClient(f"http://127.0.0.1:{free_port()}", retries=1, timeout=2),
                                    tmp_path / "down"), ReviewSceneLogic(scene))
@@ -361,16 +367,18 @@ def test_review_in_the_browser(backend, web, browser, shots, tmp_path):
     assert _hot(on[centre]).mean() > 0.2, "the heat map should colour the visited region"
     assert _hot(on).sum() > 5 * max(1, _hot(off).sum()), "hiding the heat map should take its colours away"
 
-    # A stroke inside region 2, on the axial slice through its centre (where the views now are): Paint where the
-    # model left that part of the region background, else Erase.
-    inside = rank_map == 2
+    # A stroke over region 2, on the axial slice through its centre (where the views now are): Paint where the
+    # model left the region's surroundings on that slice mostly background, else Erase, so the stroke changes voxels.
     region = next(r for r in answer["regions"] if r["rank"] == 2)
     k = int(round(region["centroid_ijk"][2]))
-    on_slice = predicted[k][inside[k]] if inside[k].any() else predicted[inside]
-    effect = "mdi-brush" if (on_slice == 0).mean() >= 0.5 else "mdi-eraser"
+    (i0, j0, _), (i1, j1, _) = region["bbox_min_ijk"], region["bbox_max_ijk"]
+    near = np.zeros(predicted.shape, bool)
+    near[max(0, k - 1):k + 2, max(0, j0 - 3):j1 + 4, max(0, i0 - 3):i1 + 4] = True
+    around = predicted[k, max(0, j0 - 1):j1 + 2, max(0, i0 - 1):i1 + 2]
+    effect = "mdi-brush" if (around == 0).mean() >= 0.5 else "mdi-eraser"
     page.click(f"#editor button:has(.{effect})")
     time.sleep(0.5)
-    # The view shows about 12 voxels across the region: a raster over its middle third covers the region's centre.
+    # The view is zoomed on the region (its box a third of the view): a raster over the middle third covers it.
     x, y = axial["x"] + axial["width"] / 2, axial["y"] + axial["height"] / 2
     half = min(axial["width"], axial["height"]) * 0.15
     page.mouse.move(x - half, y - half)
@@ -402,7 +410,7 @@ def test_review_in_the_browser(backend, web, browser, shots, tmp_path):
     mask = read_volume(client.download_label(case_id, stored["revision"], tmp_path / "back" / "mask.nrrd",
                                              "reviewed_mask")).array.astype(bool)
     edited = label != predicted
-    assert edited.any() and (edited & inside).any(), "the stroke should change voxels inside region 2"
+    assert edited.any() and not (edited & ~near).any(), "the stroke should change voxels at region 2, nowhere else"
     expected = np.isin(rank_map, [1, 2]) | edited
     np.testing.assert_array_equal(mask, expected)
     assert stored["reviewed_voxels"] == int(expected.sum())
