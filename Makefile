@@ -11,9 +11,14 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 # torch is pinned to the CPU wheel on this machine kind; a GPU server installs its own torch first.
+# The browser test drives Debian's Chromium: installed here when missing and we may (root); otherwise the test skips
+# and says why.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[test]"
+	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "chromium not installed: the browser test will be skipped"; }
 	touch $(STAMP)
 
 install: $(STAMP)

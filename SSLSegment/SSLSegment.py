@@ -63,6 +63,7 @@ BACKEND_DIR = _backendDirectory()
 
 # Needs only numpy (which ships with Slicer): no SimpleITK, scipy, torch or MONAI at start-up (test_review_imports.py).
 from SSLSegmentLib.review.scene import ReviewSceneLogic  # noqa: E402
+from SSLSegmentLib.review import defaults  # noqa: E402
 
 NEXT_REGION_SHORTCUT = "Ctrl+Shift+N"
 PREVIOUS_REGION_SHORTCUT = "Ctrl+Shift+P"
@@ -146,14 +147,14 @@ class SSLSegmentParameterNode:
     annotator: str = "anonymous"
     strategy: CaseStrategy = CaseStrategy.UNCERTAINTY
     inputVolume: vtkMRMLScalarVolumeNode
-    passes: Annotated[int, WithinRange(1, 64)] = 8
-    regionThreshold: Annotated[float, WithinRange(0.05, 0.95)] = 0.5
+    passes: Annotated[int, WithinRange(*defaults.PASSES_RANGE)] = defaults.PASSES
+    regionThreshold: Annotated[float, WithinRange(*defaults.REGION_THRESHOLD_RANGE)] = defaults.REGION_THRESHOLD
     uncertaintyKind: UncertaintyKind = UncertaintyKind.ENTROPY
     showHeatmap: bool = True
-    heatmapOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
-    heatmapThreshold: Annotated[float, WithinRange(0.0, 0.99)] = 0.2
+    heatmapOpacity: Annotated[float, WithinRange(0.0, 1.0)] = defaults.HEATMAP_OPACITY
+    heatmapThreshold: Annotated[float, WithinRange(*defaults.HEATMAP_THRESHOLD_RANGE)] = defaults.HEATMAP_THRESHOLD
     wholeCase: bool = False
-    trainIterations: Annotated[int, WithinRange(10, 100000)] = 500
+    trainIterations: Annotated[int, WithinRange(10, 100000)] = defaults.TRAIN_ITERATIONS
     # The current case's nodes (set by the module, not shown as widgets).
     imageVolume: vtkMRMLScalarVolumeNode
     uncertaintyVolume: vtkMRMLScalarVolumeNode  # the map shown: the one the review regions are of
@@ -356,17 +357,10 @@ class SSLSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         slicer.util.showStatusMessage(text, 5000)
 
     def _showError(self, what: str, exc: Exception) -> None:
-        from SSLSegmentLib.review.client import AuthError, BackendUnavailable, ConflictError
+        from SSLSegmentLib.review.presenter import failure_hint, failure_message
 
-        if isinstance(exc, AuthError):
-            hint = _("The backend refused the token. Paste the token printed by `sslsegment serve`.")
-        elif isinstance(exc, BackendUnavailable):
-            hint = _("The backend cannot be reached. Is it running, and is the address right?")
-        elif isinstance(exc, ConflictError) and "model" in str(exc).lower():
-            hint = _("The backend has no model yet: start a training job first (Training section).")
-        else:
-            hint = ""
-        message = f"{what} failed: {getattr(exc, 'message', None) or exc}"
+        hint = failure_hint(exc)  # the web page gives the same advice
+        message = failure_message(what, exc)
         self._setStatus(message, error=True)
         logging.error(message)
         slicer.util.errorDisplay(f"{message}\n\n{hint}".strip(), windowTitle=_("SSLSegment"))
@@ -856,13 +850,6 @@ class SSLSegmentLogic(ScriptedLoadableModuleLogic, ReviewSceneLogic):
         folder = pathlib.Path(slicer.app.temporaryPath) / "SSLSegment"
         folder.mkdir(parents=True, exist_ok=True)
         return folder
-
-    @staticmethod
-    def voxelVolumeMl(volumeNode) -> float:
-        if volumeNode is None:
-            return 0.0
-        sx, sy, sz = volumeNode.GetSpacing()
-        return sx * sy * sz / 1000.0
 
     # ---- dependencies ---------------------------------------------------------------------------------------
 

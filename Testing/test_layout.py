@@ -2,6 +2,8 @@
 
 - data/ imports none of ml/, review/, training/, benchmarks/;
 - review/ (runs inside Slicer's Python) imports neither ml/ nor training/ nor benchmarks/, nor torch/monai at all;
+- web/ (the review page's server) builds on review/ and likewise reaches neither the backend nor torch; review/
+  never imports web/ (Slicer loads review/ without trame);
 - nothing in the product (SSLSegmentLib/, training/, SSLSegment/) imports benchmarks/ at module level;
 - the import graph has no circles, counting imports inside functions too (a lazy import hides a circle from the
   interpreter, not from the reader).
@@ -86,6 +88,12 @@ def test_data_depends_on_nothing_above_it():
 @pytest.mark.parametrize("forbidden", [("SSLSegmentLib.ml", "training", "benchmarks", "torch", "monai")])
 def test_review_never_reaches_torch_or_the_backend(forbidden):
     assert not _offenders("SSLSegmentLib.review", forbidden, level=1)
+
+
+def test_the_review_page_builds_on_review_and_not_on_the_backend():
+    assert not _offenders("SSLSegmentLib.web", ("SSLSegmentLib.ml", "training", "benchmarks", "torch", "monai"),
+                          level=1)
+    assert not _offenders("SSLSegmentLib.review", ("SSLSegmentLib.web",), level=1)
 
 
 def test_the_product_does_not_import_the_research_harness_at_module_level():

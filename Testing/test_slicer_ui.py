@@ -197,10 +197,18 @@ def test_parameter_bindings_match_slicers_connectors(loaded, module_ast, xml_wid
 
 
 def test_parameter_defaults_lie_within_their_ranges(module_ast):
+    """Defaults and ranges are literals or names from SSLSegmentLib.review.defaults (shared with the web page)."""
+    from SSLSegmentLib.review import defaults
+
+    def value_of(text: str):
+        return eval(text, {"__builtins__": {}}, {"defaults": defaults})  # literals and defaults.NAME only
+
     for node in ast.walk(module_ast):
         if isinstance(node, ast.AnnAssign) and node.value is not None and "WithinRange" in ast.unparse(node.annotation):
-            low, high = re.search(r"WithinRange\(([^,]+),\s*([^)]+)\)", ast.unparse(node.annotation)).groups()
-            value = ast.literal_eval(node.value)
+            call = next(n for n in ast.walk(node.annotation) if isinstance(n, ast.Call) and ast.unparse(n.func) == "WithinRange")
+            bounds = [value_of(ast.unparse(a.value if isinstance(a, ast.Starred) else a)) for a in call.args]
+            low, high = bounds[0] if len(bounds) == 1 else bounds
+            value = value_of(ast.unparse(node.value))
             assert float(low) <= value <= float(high), f"{node.target.id} = {value} outside [{low}, {high}]"
 
 

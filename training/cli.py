@@ -11,6 +11,7 @@ COMMAND_MODULES = [
     "training.commands.demo",
     "training.commands.backend",
     "training.commands.la",
+    "training.commands.web",
 ]
 
 

@@ -93,4 +93,23 @@ def regions_to_fetch(session: ReviewSession | None, kind: str, threshold: float)
     return kind, float(threshold)
 
 
-__all__ = ["PanelInputs", "controls", "regions_to_fetch", "unsaved_work"]
+def failure_message(what: str, exc: BaseException) -> str:
+    """The line to show when `what` failed: the backend's own message verbatim (a 4xx says what to fix), else the
+    exception's text."""
+    return f"{what} failed: {getattr(exc, 'message', None) or exc}"
+
+
+def failure_hint(exc: BaseException) -> str:
+    """What the reviewer can do about a failure, or "" when the message says it all."""
+    from SSLSegmentLib.review.client import AuthError, BackendUnavailable, ConflictError
+
+    if isinstance(exc, AuthError):
+        return "The backend refused the token: use the datastore's token (`sslsegment token --datastore DIR`)."
+    if isinstance(exc, BackendUnavailable):
+        return "The backend cannot be reached. Is it running, and is the address right?"
+    if isinstance(exc, ConflictError) and "model" in str(exc).lower():
+        return "The backend has no model yet: start a training job first."
+    return ""
+
+
+__all__ = ["PanelInputs", "controls", "failure_hint", "failure_message", "regions_to_fetch", "unsaved_work"]

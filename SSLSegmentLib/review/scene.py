@@ -550,8 +550,18 @@ class ReviewSceneLogic:
             in_plane = np.abs(slice_to_ras[:, :2].T) @ box
             target = max(self.ZOOM_CONTEXT * float(in_plane.max()), self.ZOOM_MIN_FOV_MM)
             fov = slice_node.GetFieldOfView()
+            if min(fov[0], fov[1]) <= 0:
+                continue  # a view that was never laid out has no field of view to scale
             scale = target / min(fov[0], fov[1])
             slice_node.SetFieldOfView(fov[0] * scale, fov[1] * scale, fov[2])
+
+    @staticmethod
+    def voxelVolumeMl(volumeNode) -> float:
+        """The volume of one voxel of `volumeNode` in mL (0 without a node), for region sizes and edit counts."""
+        if volumeNode is None:
+            return 0.0
+        sx, sy, sz = volumeNode.GetSpacing()
+        return sx * sy * sz / 1000.0
 
     def showRegionBox(self, region, referenceVolumeNode):
         """An ROI box over the region's voxel bounding box, oriented with the image axes."""

@@ -259,6 +259,20 @@ class ReviewSession:
         return self._start_case(CaseInfo(case_id, Path(image_path), record.get("split"), record.get("score"),
                                          record.get("lease_expires"), record))
 
+    def open_case(self, case_id: str) -> CaseInfo:
+        """Review a case the backend already has, picked by id (e.g. from `client.list_cases()`), and download its
+        image. No lease is taken: the backend leases only the cases it hands out (`fetch_next_case`), so a colleague
+        may be given a picked case meanwhile."""
+        self._require(SessionState.CONNECTED, SessionState.CASE_LOADED, SessionState.INFERRED,
+                      SessionState.SUBMITTED, action="open a case")
+        validate_case_id(case_id)
+        record = self.client.get_case(case_id)  # an unknown id fails here, before the current case is given back
+        if self.state in (SessionState.CASE_LOADED, SessionState.INFERRED) and self.case is not None:
+            self.skip_case()
+        image_path = self.client.download_image(case_id, self._case_dir(case_id) / "image.nrrd")
+        return self._start_case(CaseInfo(case_id, Path(image_path), record.get("split"), record.get("score"),
+                                         None, record))
+
     def open_image(self, image_path: str | os.PathLike, case_id: str | None = None) -> CaseInfo:
         """Register a local image with the backend (e.g. the volume shown in Slicer) and review it."""
         self._require(SessionState.CONNECTED, SessionState.CASE_LOADED, SessionState.INFERRED,
