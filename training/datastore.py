@@ -80,6 +80,9 @@ DEFAULT_SETTINGS = {
     "max_upload_mb": 512.0,
     # Voxels an uploaded image may declare; its header is checked before a voxel is decoded (imageio.read_volume).
     "max_voxels": DEFAULT_MAX_VOXELS,
+    # How many times its file's size an uploaded image may decode to (0 = no bound): a scan compresses a few times at
+    # most, a block of zeros a thousandfold, so a few hundred kilobytes cannot make the server hold gigabytes.
+    "max_expansion": 100.0,
     "num_classes": 2,
     # Defaults of POST /train; request parameters override them.
     "train": {
@@ -578,8 +581,10 @@ class Datastore:
         """
         source = Path(source)
         suffix = image_suffix(filename or source.name)
+        settings = self.settings
         try:
-            vol = read_volume(source, max_voxels=int(self.settings["max_voxels"]))
+            vol = read_volume(source, max_voxels=int(settings["max_voxels"]),
+                              max_expansion=float(settings["max_expansion"]) or None)
         except ImageError as exc:
             raise InvalidInput(str(exc).replace(str(source), filename or source.name)) from None
         digest = sha256_file(source)

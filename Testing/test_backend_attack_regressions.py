@@ -1,0 +1,133 @@
+"""What the attack on the backend found (benchmarks/backend_attack.py), each pinned: a header that makes the reader
+open another file, a decompression bomb under the voxel cap, networks no job could train, row ids beyond SQLite's
+integers, a label naming a model version that does not exist, ambiguous body framing, a plain-text 400, racing
+submissions and uploads, a damaged checkpoint, and what a killed writer leaves behind."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import socket
+import subprocess
+import sys
+import urllib.parse
+
+import numpy as np
+import pytest
+
+from conftest import TINY_NET, TINY_PATCH
+from SSLSegmentLib.data.imageio import read_label, read_volume, write_volume
+from SSLSegmentLib.data.volume import ImageError, Volume
+from SSLSegmentLib.review.local_backend import LocalBackend
+from training import datastore
+from training.datastore import Conflict, Datastore, InvalidInput, import_folder
+from training.jobs import resolve_train_params
+from training.registry import ModelRegistry
+
+TRAIN = {"network": TINY_NET, "patch_size": list(TINY_PATCH), "iterations": 6, "val_interval": 6, "device": "cpu"}
+
+
+@pytest.fixture
+def store(tmp_path, tiny_dataset):
+    s = Datastore(tmp_path / "store", create=True, split_seed="seed-1")
+    import_folder(s, tiny_dataset, labels="train:2")
+    s.update_settings({"train": TRAIN})
+    return s
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory, tiny_dataset):
+    root = tmp_path_factory.mktemp("attack-regressions") / "store"
+    store = Datastore(root, create=True)
+    import_folder(store, tiny_dataset, labels="train:2")
+    store.close()
+    with LocalBackend(root, with_worker=False, serve_args=["--max-upload-mb", "1"]).start().wait_until_ready() as b:
+        yield b
+
+
+def _raw(backend, data: bytes) -> tuple[int, bytes, bytes]:
+    """Send bytes as they are; (status, head, body) of the answer."""
+    url = urllib.parse.urlsplit(backend.base_url)
+    with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+        sock.sendall(data)
+        answer = b""
+        while True:
+            piece = sock.recv(65536)
+            if not piece:
+                break
+            answer += piece
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), head, body
+
+
+def _request(backend, method: str, path: str, body: bytes = b"", ctype: str = "application/json") -> tuple[int, dict]:
+    status, _, answer = _raw(backend, (f"{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {backend.token}\r\n"
+                                       f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+                                       ).encode() + body)
+    return status, json.loads(answer)
+
+
+def _nrrd(sizes, data: bytes, extra: str = "", encoding: str = "raw", kind: str = "uint8") -> bytes:
+    return (f"NRRD0004\ntype: {kind}\ndimension: 3\nsizes: {' '.join(map(str, sizes))}\nspacings: 1 1 1\n"
+            f"endian: little\nencoding: {encoding}\n{extra}\n").encode() + data
+
+
+# -- the reader as the door -------------------------------------------------------------------------------------
+def test_a_header_naming_a_separate_data_file_is_refused_unread(tmp_path):
+    """An NRRD `data file:` or a MetaImage ElementDataFile makes the reader open whatever path it names: an upload
+    of 150 bytes became a case whose voxels were the datastore's token. Every such header is refused; so is a NIfTI
+    header whose data would be in a separate .img."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"s3cr3t-token-value-of-44-bytes-------------\n")
+    nrrd = tmp_path / "detached.nrrd"
+    nrrd.write_bytes(_nrrd((2, 2, 11), b"", extra=f"data file: {secret}\n"))
+    mha = tmp_path / "detached.mha"
+    mha.write_text("ObjectType = Image\nNDims = 3\nDimSize = 2 2 11\nElementType = MET_UCHAR\nElementSpacing = 1 1 1\n"
+                   f"ElementDataFile = {secret}\n")
+    single = write_volume(Volume(np.zeros((4, 4, 4), np.uint8)), tmp_path / "x.nii").read_bytes()
+    pair = bytearray(single)
+    pair[344:348] = b"ni1\0"  # the same header, saying its voxels are in pair.img
+    (tmp_path / "pair.nii").write_bytes(bytes(pair))
+    (tmp_path / "pair.img").write_bytes(single[352:])
+    for path in (nrrd, mha, tmp_path / "pair.nii"):
+        with pytest.raises(ImageError, match="separate"):
+            read_volume(path)
+        with pytest.raises(ImageError, match="separate"):
+            read_label(path)
+    # Attached data still reads, in every format the backend takes.
+    for suffix in (".nrrd", ".nii.gz", ".nii", ".mha"):
+        assert read_volume(write_volume(Volume(np.ones((3, 4, 5), np.float32)), tmp_path / f"ok{suffix}")).shape == (3, 4, 5)
+
+
+def test_an_upload_whose_header_points_at_the_token_does_not_become_a_case(live):
+    body = (b'--B\r\nContent-Disposition: form-data; name="case_id"\r\n\r\nleak\r\n'
+            b'--B\r\nContent-Disposition: form-data; name="image"; filename="x.mha"\r\n\r\n'
+            + (f"ObjectType = Image\nNDims = 3\nDimSize = 2 2 11\nElementType = MET_UCHAR\nElementSpacing = 1 1 1\n"
+               f"ElementDataFile = {live.datastore / '.sslsegment' / 'token'}\n").encode() + b"\r\n--B--\r\n")
+    status, answer = _request(live, "POST", "/api/v1/cases", body, "multipart/form-data; boundary=B")
+    assert status == 422 and "separate data file" in answer["detail"]
+    assert "leak" not in {c["case_id"] for c in live.client().list_cases()}
+
+
+def test_an_image_decoding_to_more_than_max_expansion_times_its_file_is_refused(store, tmp_path):
+    """A 260 KB gzip NRRD of zeros declared 256 MB of float voxels, under the voxel cap: it was decoded (700 MB
+    held by the server) and stored as a case that every scoring pass then ran the network over."""
+    bomb = tmp_path / "bomb.nrrd"
+    bomb.write_bytes(_nrrd((256, 256, 128), gzip.compress(b"\0" * (32 * 2**20)), encoding="gzip", kind="float"))
+    assert bomb.stat().st_size < 100_000
+    with pytest.raises(ImageError, match="more than 100 times its size"):
+        read_volume(bomb, max_expansion=100)
+    with pytest.raises(InvalidInput, match="more than 100 times its size"):
+        store.register_image(bomb, case_id="bomb")
+    assert "bomb" not in {c["case_id"] for c in store.cases()}
+    # A header that claims more voxels than its file holds is refused before anything is allocated.
+    claim = tmp_path / "claim.nrrd"
+    claim.write_bytes(_nrrd((800, 800, 800), b"\0" * 900))
+    with pytest.raises(ImageError, match="times its size"):
+        read_volume(claim, max_expansion=100)
+    # A real scan (noise does not compress) is far from the bound; the setting 0 lifts it.
+    scan = write_volume(Volume(np.random.default_rng(0).random((16, 24, 24), dtype=np.float32)), tmp_path / "s.nrrd")
+    assert store.register_image(scan, case_id="scan")[1]
+    store.update_settings({"max_expansion": 0})
+    assert store.register_image(bomb, case_id="bomb")[1]
