@@ -131,3 +131,69 @@ def test_an_image_decoding_to_more_than_max_expansion_times_its_file_is_refused(
     assert store.register_image(scan, case_id="scan")[1]
     store.update_settings({"max_expansion": 0})
     assert store.register_image(bomb, case_id="bomb")[1]
+
+
+# -- requests -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("network,message", [
+    ({**TINY_NET, "features": -1}, "features must be integers of at least 1"),
+    ({**TINY_NET, "channels": [0, 0, 0]}, "channels must be integers of at least 1"),
+    ({**TINY_NET, "num_res_units": -2}, "num_res_units must be integers of at least 0"),
+    ({**TINY_NET, "norm": "bogus"}, "cannot be built"),
+    ({**TINY_NET, "in_channels": 3}, "in_channels must be 1"),
+    ({**TINY_NET, "num_classes": 7}, "num_classes must be the datastore's 2"),
+])
+def test_a_network_no_job_could_train_is_refused_when_asked_for(store, network, message):
+    """These were queued (202) and left to fail in the worker, or to train a network the datastore's labels do not
+    fit."""
+    with pytest.raises(InvalidInput, match=message):
+        resolve_train_params(store, {"init": "scratch", "network": network})
+    resolve_train_params(store, {"init": "scratch", "network": TINY_NET})
+
+
+@pytest.mark.parametrize("method,path,body", [
+    ("GET", "/labels/1180591620717411303424/label", b""),
+    ("POST", "/exclusions/1180591620717411303424/lift", b'{"reason": "x"}'),
+    ("POST", "/exclusions", b'{"case_id": "CASE", "reason": "x", "revision": 1180591620717411303424}'),
+])
+def test_row_ids_beyond_sqlite_integers_are_refused_not_a_500(live, method, path, body):
+    case = live.client().list_cases()[0]["case_id"]
+    path = f"/api/v1/cases/{case}{path}" if path.startswith("/labels") else f"/api/v1{path}"
+    status, answer = _request(live, method, path, body.replace(b"CASE", case.encode()))
+    assert status == 422 and "less than or equal to 9223372036854775807" in json.dumps(answer)
+
+
+def test_releasing_a_lease_checks_the_annotator_name(live):
+    case = live.client().list_cases()[0]["case_id"]
+    status, answer = _request(live, "DELETE", f"/api/v1/cases/{case}/lease?annotator=..%2F..%2Fx")
+    assert status == 400 and "annotator name" in answer["detail"]
+
+
+def test_a_body_with_two_framings_is_refused(live, tmp_path):
+    """Content-Length and Transfer-Encoding together: the server used to take the chunked one and store the case;
+    a proxy taking the other would see a different request (smuggling)."""
+    form = (b'--B\r\nContent-Disposition: form-data; name="case_id"\r\n\r\ntwoframes\r\n'
+            b'--B\r\nContent-Disposition: form-data; name="image"; filename="i.nrrd"\r\n\r\n'
+            + write_volume(Volume(np.random.default_rng(1).random((4, 6, 6), dtype=np.float32)),
+                           tmp_path / "i.nrrd").read_bytes() + b"\r\n--B--\r\n")
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(form), form)
+    status, _, body = _raw(live, (f"POST /api/v1/cases HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {live.token}\r\n"
+                                  f"Content-Type: multipart/form-data; boundary=B\r\nContent-Length: {len(form)}\r\n"
+                                  "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n").encode() + chunked)
+    assert status == 400 and "both Content-Length and Transfer-Encoding" in json.loads(body)["detail"]
+    assert "twoframes" not in {c["case_id"] for c in live.client().list_cases()}
+
+
+def test_a_request_the_http_parser_refuses_is_answered_in_json(live):
+    for request in (b"GARBAGE\r\n\r\n", b"GET /api/v1/info HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n"):
+        status, head, body = _raw(live, request)
+        assert status == 400 and b"application/json" in head.lower()
+        assert "malformed HTTP request" in json.loads(body)["detail"]
+
+
+def test_a_label_naming_a_model_version_that_does_not_exist_is_refused(store):
+    case = store.cases("test")[0]["case_id"]
+    grid = store.grid(case)
+    label = Volume(np.zeros(grid.shape, np.uint8), grid.geometry)
+    with pytest.raises(InvalidInput, match="'v9999' is not a model version"):
+        store.add_label(case, label, model_version="v9999")
+    assert store.revisions(case) == []

@@ -784,6 +784,8 @@ class Datastore:
             uncertainty_kind = threshold = None
         if model_version is not None and model_version != "":
             validate_version(model_version)
+            if self.db.execute("SELECT 1 FROM models WHERE version = ?", (model_version,)).fetchone() is None:
+                raise InvalidInput(f"model_version {model_version!r} is not a model version of this datastore")
         else:
             model_version = None
         if submission_id is not None and not re.fullmatch(r"[A-Za-z0-9_-]{8,64}", submission_id):

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi import APIRouter, Body, Depends, FastAPI, File, Form, HTTPException, Path as PathParam, Request, UploadFile
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -126,6 +126,11 @@ def _bad_request(check, value):
 def valid_case_id(case_id: str) -> str:
     return _bad_request(checked_case_id, case_id)
 
+
+# Row ids (revisions, exclusions) are SQLite integers: a larger number names nothing, and would not even reach the
+# query (OverflowError).
+MAX_ROW_ID = 2**63 - 1
+RowId = Annotated[int, PathParam(ge=1, le=MAX_ROW_ID)]
 
 B = Annotated[Backend, Depends(backend)]
 CaseId = Annotated[str, Depends(valid_case_id)]
@@ -235,6 +240,8 @@ def get_image(b: B, case_id: CaseId):
 
 @cases_router.delete("/{case_id}/lease")
 def release(b: B, case_id: CaseId, annotator: str | None = None):
+    if annotator is not None:
+        _bad_request(validate_author, annotator)
     b.store.case(case_id)
     return {"case_id": case_id, "released": b.store.release_lease(case_id, annotator)}
 
@@ -301,7 +308,7 @@ def label_history(b: B, case_id: CaseId):
 
 
 @labels_router.get("/{revision}/{name}")
-def label_file(b: B, case_id: CaseId, revision: int, name: Literal["label", "reviewed_mask", "uncertainty"]):
+def label_file(b: B, case_id: CaseId, revision: RowId, name: Literal["label", "reviewed_mask", "uncertainty"]):
     return _file(b.store.revision_file(case_id, revision, name), f"{name}.nrrd")
 
 
@@ -365,7 +372,8 @@ class ExclusionRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
     case_id: str
-    revision: int | None = Field(None, ge=1, description="one label revision of the case; omitted: the whole case")
+    revision: int | None = Field(None, ge=1, le=MAX_ROW_ID,
+                                 description="one label revision of the case; omitted: the whole case")
     reason: str = Field(..., min_length=1, max_length=1000, description="why, for the audit trail")
     author: str = "anonymous"
 
@@ -389,7 +397,7 @@ def exclude(b: B, request: ExclusionRequest):
 
 
 @exclusions_router.post("/{exclusion_id}/lift")
-def lift_exclusion(b: B, exclusion_id: int, request: LiftRequest):
+def lift_exclusion(b: B, exclusion_id: RowId, request: LiftRequest):
     _bad_request(validate_author, request.author)
     return b.store.lift_exclusion(exclusion_id, request.author, request.reason)
 
@@ -427,6 +435,11 @@ class _Door:
         if path.startswith(API) and path != f"{API}/health" and not token_matches(
                 headers.get(b"authorization", b"").decode("latin-1"), self.token):
             refusal = (401, UNAUTHORISED, [(b"www-authenticate", b"Bearer")])
+        elif b"content-length" in headers and b"transfer-encoding" in headers:
+            # Two framings for one body: a proxy in front and this server could each take a different one and
+            # disagree on where the next request starts (request smuggling). HTTP/1.1 allows refusing it.
+            refusal = (400, "a request may not carry both Content-Length and Transfer-Encoding", [])
+            announced = 0
         elif announced > self.limit:
             refusal = (413, self._too_large_message(), [])
         if refusal is not None:
@@ -605,4 +618,27 @@ def serve(datastore_dir: str | os.PathLike, host: str = "127.0.0.1", port: int =
         announce(f"warning: listening on {host}, reachable from other machines; use TLS in front of it")
     app = create_app(datastore_dir, token, max_upload_mb=max_upload_mb, device=device, body_timeout_s=body_timeout_s)
     announce(f"serving {store.root} on http://{host}:{port}{API}")
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False, http=json_errors_protocol())
+
+
+def json_errors_protocol():
+    """uvicorn's h11 protocol, answering a request it cannot parse (a bad request line, header or body framing)
+    with a JSON body like every other refusal, instead of plain text. The app never sees such a request."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class JsonErrorsH11Protocol(H11Protocol):
+        def send_400_response(self, msg: str) -> None:
+            import h11
+
+            body = json.dumps({"detail": f"malformed HTTP request ({msg.rstrip('.')}): the request line, a header "
+                                         "or the body's framing cannot be parsed"}).encode()
+            for event in (h11.Response(status_code=400, reason=b"Bad Request", headers=[
+                    (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close")]), h11.Data(data=body), h11.EndOfMessage()):
+                try:
+                    self.transport.write(self.conn.send(event))
+                except h11.LocalProtocolError:  # the connection's state allows no answer any more
+                    break
+            self.transport.close()
+
+    return JsonErrorsH11Protocol
