@@ -197,3 +197,43 @@ def test_a_label_naming_a_model_version_that_does_not_exist_is_refused(store):
     with pytest.raises(InvalidInput, match="'v9999' is not a model version"):
         store.add_label(case, label, model_version="v9999")
     assert store.revisions(case) == []
+
+
+# -- a damaged checkpoint ---------------------------------------------------------------------------------------
+def _two_versions(store, tmp_path):
+    from SSLSegmentLib.ml.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
+    from SSLSegmentLib.ml.networks import NetworkConfig, build_network
+
+    cfg = NetworkConfig(**TINY_NET)
+    ckpt = {"format": CHECKPOINT_FORMAT, "model": build_network(cfg).state_dict(), "network": cfg.to_dict(),
+            "train_config": {"patch_size": list(TINY_PATCH)}, "method": "brl"}
+    path = save_checkpoint(ckpt, tmp_path / "a.pt")
+    registry = ModelRegistry(store)
+    for parent in (None, "v0001"):
+        registry.add_version(path, {"parent": parent, "metrics": {}, "trained_on": {}})
+    registry.promote("v0002")
+    return registry
+
+
+def _flip(path):
+    data = path.read_bytes()
+    mid = len(data) // 2
+    path.write_bytes(data[:mid] + bytes(b ^ 0xFF for b in data[mid:mid + 64]) + data[mid + 64:])
+
+
+def test_a_damaged_checkpoint_is_never_made_current_served_or_trained_from(store, tmp_path):
+    """Bytes flipped inside a version's model.pt (it may still load, with wrong weights): promoting it moved the
+    current pointer to it, the server loaded it, and a job fine-tuned from it and published the result."""
+    from training.service import CurrentModel
+
+    registry = _two_versions(store, tmp_path)
+    _flip(store.root / "models" / "v0001" / "model.pt")
+    with pytest.raises(datastore.Damaged, match="v0001"):
+        registry.promote("v0001")
+    assert registry.current == "v0002"
+    _flip(store.root / "models" / "v0002" / "model.pt")
+    with pytest.raises(datastore.Damaged, match="v0002"):
+        CurrentModel(registry, "cpu").get()
+    with pytest.raises(datastore.Damaged, match="v0002"):
+        resolve_train_params(store, {})  # POST /train fine-tunes from current: refused before a job is queued
+    assert store.jobs() == []

@@ -257,6 +257,10 @@ class InvalidInput(DatastoreError, ValueError):
     """A value or file that cannot be stored, with a message that says why."""
 
 
+class Damaged(DatastoreError):
+    """A stored file no longer matches what the index recorded for it (damaged on disk): it is not used."""
+
+
 def iso(t: float | None) -> str | None:
     return None if t is None else datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds")
 

@@ -238,7 +238,7 @@ def _check_whole_config(store: Datastore, params: dict) -> None:
 
     init = params.get("init", "current")
     version = ModelRegistry(store).current if init == "current" else (None if init == "scratch" else init)
-    parent = load_checkpoint(ModelRegistry(store).model_path(version)) if version else None
+    parent = load_checkpoint(ModelRegistry(store).checkpoint_path(version)) if version else None
     try:
         config = build_train_config(params, parent)
     except JobFailed as exc:

@@ -42,6 +42,7 @@ from training.datastore import (
     UPLOAD_PREFIX,
     SPLITS,
     Conflict,
+    Damaged,
     Datastore,
     InvalidInput,
     NotFound,
@@ -175,6 +176,7 @@ ERRORS = {code: {"model": ErrorBody, "description": text} for code, text in (
     (413, "the body is larger than the upload limit"),
     (415, "a file type the backend does not read"),
     (422, "the request or the uploaded volume is invalid; the message says which field and why"),
+    (503, "the datastore index is busy (try again), or a stored model checkpoint is damaged"),
     (507, "the datastore's disk or index is full; nothing was stored"),
 )}
 
@@ -360,7 +362,7 @@ def promote(b: B, version: str):
 
 @models_router.get("/{version}/weights")
 def weights(b: B, version: str):
-    return _file(b.registry.model_path(version), f"{version}.pt")
+    return _file(b.registry.checkpoint_path(version), f"{version}.pt")
 
 
 # -- exclusions -----------------------------------------------------------------------------------------------
@@ -593,7 +595,7 @@ def create_app(datastore_dir: str | os.PathLike, token: str | None = None, *, ma
                                 submissions=SubmissionService(store), token=token, limit_mb=limit_mb, version=version,
                                 upload_dir=upload_dir)
     app.add_middleware(_Door, limit_bytes=int(limit_mb * 2**20), token=token, body_timeout_s=body_timeout_s)
-    for exc_type, status in ((NotFound, 404), (Conflict, 409), (InvalidInput, 422), (ImageError, 422)):
+    for exc_type, status in ((NotFound, 404), (Conflict, 409), (InvalidInput, 422), (ImageError, 422), (Damaged, 503)):
         app.add_exception_handler(exc_type, _error(status))
     app.add_exception_handler(RequestValidationError, _request_invalid)
     app.add_exception_handler(OSError, _storage_error)
