@@ -199,6 +199,72 @@ def test_a_label_naming_a_model_version_that_does_not_exist_is_refused(store):
     assert store.revisions(case) == []
 
 
+# -- races ----------------------------------------------------------------------------------------------------
+def _correction(store, case, seed=0):
+    grid = store.grid(case)
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(grid.shape, np.uint8)
+    mask[:3] = 1
+    return (Volume(rng.integers(0, 2, grid.shape).astype(np.uint8), grid.geometry), Volume(mask, grid.geometry))
+
+
+def test_a_submission_id_raced_for_two_cases_is_never_acknowledged_for_the_one_not_stored(store):
+    """Two requests with one submission id, for cases A and B, at once: B's passed the early look-up, A's got
+    indexed first, and B was answered with A's revision (200): acknowledged, never stored."""
+    a, b = store.cases("test")[0]["case_id"], store.cases("test")[1]["case_id"]
+    sid = "raced-submission-1"
+    write = store._write_correction
+
+    def a_wins_meanwhile(case_id, *args, **kwargs):
+        if case_id == b and not store.revisions(a):
+            lab, mask = _correction(store, a)
+            store.add_label(a, lab, kind="correction", reviewed_mask=mask, submission_id=sid)
+        return write(case_id, *args, **kwargs)
+
+    store._write_correction = a_wins_meanwhile
+    lab, mask = _correction(store, b, 1)
+    with pytest.raises(Conflict, match="another case"):
+        store.add_label(b, lab, kind="correction", reviewed_mask=mask, submission_id=sid)
+    assert len(store.revisions(a)) == 1 and store.revisions(b) == []
+    assert not (store.root / "labels" / "corrections" / "anonymous" / b).exists() or not any(
+        (store.root / "labels" / "corrections" / "anonymous" / b).iterdir())  # B's files taken back
+    # The same id with other content for the same case is refused too; the same content is a retry.
+    other, _ = _correction(store, a, 2)
+    with pytest.raises(Conflict, match="different label"):
+        store.add_label(a, other, kind="correction", reviewed_mask=mask, submission_id=sid)
+    same, same_mask = _correction(store, a)
+    assert store.add_label(a, same, kind="correction", reviewed_mask=same_mask, submission_id=sid)[1] is False
+
+
+@pytest.mark.parametrize("same_image", [True, False])
+def test_an_image_raced_for_one_case_id_is_one_case_never_a_500(store, tmp_path, same_image):
+    """Two uploads for one case id placed their files at once: the later link failed with EEXIST, answered 500
+    ("storage error: File exists"). The same image is now one case (200 for the other), another image a 409."""
+    rng = np.random.default_rng(3)
+    first = write_volume(Volume(rng.random((6, 8, 8), dtype=np.float32)), tmp_path / "first.nrrd")
+    second = first if same_image else write_volume(Volume(rng.random((6, 8, 8), dtype=np.float32)),
+                                                   tmp_path / "second.nrrd")
+    place = store._place_file
+    raced = []
+
+    def other_upload_first(source, dest, move):
+        if not raced:  # the other upload places and indexes its file between this one's look and its link
+            raced.append(True)
+            store._place_file = place
+            store.register_image(first, case_id="raced")
+        return place(source, dest, move)
+
+    store._place_file = other_upload_first
+    if same_image:
+        case, created = store.register_image(second, case_id="raced")
+        assert case["case_id"] == "raced" and created is False
+    else:
+        with pytest.raises(Conflict, match="different image"):
+            store.register_image(second, case_id="raced")
+    store._place_file = place
+    assert len(list(store.root.glob("raced.*"))) == 1 and not list(store.root.glob(".tmp-*"))
+
+
 # -- a damaged checkpoint ---------------------------------------------------------------------------------------
 def _two_versions(store, tmp_path):
     from SSLSegmentLib.ml.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
@@ -237,3 +303,72 @@ def test_a_damaged_checkpoint_is_never_made_current_served_or_trained_from(store
     with pytest.raises(datastore.Damaged, match="v0002"):
         resolve_train_params(store, {})  # POST /train fine-tunes from current: refused before a job is queued
     assert store.jobs() == []
+
+
+# -- what a killed writer leaves --------------------------------------------------------------------------------
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_what_a_killed_writer_leaves_is_removed_and_nothing_else(store):
+    """A server killed mid-request left spooled uploads (kept an hour even by --clean), staging folders, and a
+    correction folder published but never indexed, which datastore-check reported and nothing removed. Writers now
+    name themselves in what they write; what a writer that is gone left is removed when a server or worker starts,
+    while a live writer's files and anything indexed stay."""
+    from SSLSegmentLib.data.imageio import writer_tag
+
+    WRITER_FILE = datastore.WRITER_FILE
+    alive = writer_tag()
+    dead = f"{alive.split('-')[0]}-{_dead_pid()}"
+    case = store.cases("test")[0]["case_id"]
+    lab, mask = _correction(store, case)
+    kept = store.add_label(case, lab, kind="correction", reviewed_mask=mask, author="alice")[0]
+    kept_folder = store.abs(kept["files"]["label"]).parent
+    (kept_folder / WRITER_FILE).write_text(dead)  # indexed: stays whoever wrote it
+    corrections = store.root / "labels" / "corrections" / "alice" / case
+    orphan = corrections / "r0099"
+    orphan.mkdir()
+    write_volume(lab, orphan / "label.nrrd")
+    (orphan / WRITER_FILE).write_text(dead)
+    in_flight = corrections / "r0100"
+    in_flight.mkdir()
+    write_volume(lab, in_flight / "label.nrrd")
+    (in_flight / WRITER_FILE).write_text(alive)
+    staging_dead, staging_alive = corrections / f".tmp-{dead}-abc", corrections / f".tmp-{alive}-abc"
+    staging_dead.mkdir()
+    staging_alive.mkdir()
+    upload_dead = store.upload_dir / f"upload-{dead}-x.nrrd"
+    upload_dead.write_bytes(b"partial")
+    image = store.root / "placed-never-indexed.nrrd"  # a case image whose writer died before its index row
+    write_volume(Volume(np.zeros((4, 4, 4), np.float32)), image)
+    os.link(image, store.root / f".tmp-{dead}-xyplaced-never-indexed.nrrd")
+    final = store.root / "labels" / "final" / f"{case}.nrrd"
+    write_volume(lab, final)
+    os.link(final, store.root / "labels" / "final" / f".tmp-{dead}-qq.nrrd")
+
+    report = store.check()
+    assert set(report["interrupted"]) >= {store.rel(p) for p in (orphan, staging_dead, upload_dead, image, final)}
+    removed = set(Datastore(store.root).clean_interrupted())
+    assert {store.rel(p) for p in (orphan, staging_dead, upload_dead, image, final)} <= removed
+    for gone in (orphan, staging_dead, upload_dead, image, final):
+        assert not gone.exists()
+    for stays in (kept_folder, in_flight, staging_alive):
+        assert stays.exists()
+    assert not list(store.root.glob(".tmp-*")) and not list((store.root / "labels" / "final").glob(".tmp-*"))
+    assert store.check()["ok"] and store.check()["interrupted"] == []
+
+
+def test_a_server_starting_removes_what_a_killed_one_left(tmp_path, tiny_dataset):
+    root = tmp_path / "store"
+    store = Datastore(root, create=True)
+    import_folder(store, tiny_dataset, labels="none")
+    from SSLSegmentLib.data.imageio import writer_tag
+
+    dead = f"{writer_tag().split('-')[0]}-{_dead_pid()}"
+    upload = store.upload_dir / f"upload-{dead}-x.nrrd"
+    upload.write_bytes(b"partial")
+    store.close()
+    with LocalBackend(root, with_worker=False).start().wait_until_ready():
+        assert not upload.exists()

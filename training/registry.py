@@ -159,12 +159,16 @@ class ModelRegistry:
             (staging.path / "version.json").write_text(json.dumps(info, indent=2, default=str))
             dest = staging.publish(prefix="v")
         version = dest.name
-        with store.transaction() as db:
-            db.execute("INSERT INTO models(version, created, job_id, parent, method, path, sha256, metrics, trained_on, "
-                       "promoted, decision) VALUES (?,?,?,?,?,?,?,?,?,0,?)",
-                       (version, time.time(), job_id, meta.get("parent"), meta.get("method") or ckpt.get("method"),
-                        store.rel(dest / "model.pt"), digest, json.dumps(meta.get("metrics", {}), default=float),
-                        json.dumps(meta.get("trained_on", {})), meta.get("decision")))
+        try:
+            with store.transaction() as db:
+                db.execute("INSERT INTO models(version, created, job_id, parent, method, path, sha256, metrics, "
+                           "trained_on, promoted, decision) VALUES (?,?,?,?,?,?,?,?,?,0,?)",
+                           (version, time.time(), job_id, meta.get("parent"), meta.get("method") or ckpt.get("method"),
+                            store.rel(dest / "model.pt"), digest, json.dumps(meta.get("metrics", {}), default=float),
+                            json.dumps(meta.get("trained_on", {})), meta.get("decision")))
+        except BaseException:
+            shutil.rmtree(dest, ignore_errors=True)  # not indexed: no half-registered version stays behind
+            raise
         return self.model(version)
 
     def set_decision(self, version: str, decision: str) -> None:

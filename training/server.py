@@ -34,6 +34,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from SSLSegmentLib.data import contract
+from SSLSegmentLib.data.imageio import writer_tag
 from SSLSegmentLib.data.volume import ImageError
 
 from training.datastore import (
@@ -146,7 +147,8 @@ def save_upload(b: Backend, upload: UploadFile | None, what: str) -> Path:
         suffix = image_suffix(upload.filename)
     except InvalidInput as exc:
         raise HTTPException(415, str(exc)) from None
-    fd, tmp = tempfile.mkstemp(prefix=UPLOAD_PREFIX, suffix=suffix, dir=b.upload_dir)
+    # Named by this process, so what a killed server spooled is removed when it starts again.
+    fd, tmp = tempfile.mkstemp(prefix=f"{UPLOAD_PREFIX}{writer_tag()}-", suffix=suffix, dir=b.upload_dir)
     try:
         with os.fdopen(fd, "wb") as fh:
             shutil.copyfileobj(upload.file, fh, 1 << 20)
@@ -587,6 +589,9 @@ def create_app(datastore_dir: str | os.PathLike, token: str | None = None, *, ma
     registry = ModelRegistry(store)
     upload_dir = store.upload_dir
     version = _version()
+    removed = store.clean_interrupted()  # what a killed server or worker left: spooled uploads, half-made revisions
+    if removed:
+        log.warning("removed %d leftover(s) of interrupted writes", len(removed))
 
     app = FastAPI(title="SSLSegment backend", version=version,
                   description="Datastore, inference with uncertainty and review regions, corrections and retraining. "

@@ -193,6 +193,9 @@ class Worker:
 
         torch.set_num_threads(self.threads)
         self.log(f"worker {self.worker_id} on datastore {self.store.root}")
+        removed = self.store.clean_interrupted()  # what a killed worker or server left (a half-published version)
+        if removed:
+            self.log(f"removed {len(removed)} leftover(s) of interrupted writes")
         n = 0
         while not self._stop.is_set():
             self.recover()

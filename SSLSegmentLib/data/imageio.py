@@ -8,8 +8,10 @@ never sees a half-written file and an existing file is never left truncated.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
+import socket
 import tempfile
 import zlib
 from pathlib import Path
@@ -20,6 +22,22 @@ import SimpleITK as sitk
 from SSLSegmentLib.data.volume import ImageError, Volume
 
 IMAGE_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha")
+
+
+# Who is writing a temporary file: the host (a short digest of its name) and the process. A crash leaves the file
+# under this name, and a later process on the same host can tell that its writer is gone (training/datastore.py).
+HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+TEMP_RE = re.compile(r"^\.tmp-(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)-")
+
+
+def writer_tag() -> str:
+    """This process's name in its temporary files: "<host digest>-<pid>"."""
+    return f"{HOST_TAG}-{os.getpid()}"
+
+
+def temp_prefix() -> str:
+    """The prefix of this process's temporary files and folders (a leading dot keeps them out of listings)."""
+    return f".tmp-{writer_tag()}-"
 
 
 # Voxels a file may declare (about 2 GB as float32): far above any clinical 3D scan (LA2018 at full resolution is
@@ -169,7 +187,7 @@ def _atomic_target(path: Path, overwrite: bool, suffix: str):
     path.parent.mkdir(parents=True, exist_ok=True)
     if not overwrite and path.exists():
         raise FileExistsError(f"{path} exists and is immutable")
-    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(), suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
