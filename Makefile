@@ -40,6 +40,12 @@ clean:
 bench-backend: $(STAMP)
 	$(BIN)/python -m benchmarks.backend --profile $${PROFILE:-quick}
 
+# Backend under attack: malformed requests, races, faults, submissions across server kills
+# (benchmarks/results/backend-attack.{json,md}).
+.PHONY: bench-backend-attack
+bench-backend-attack: $(STAMP)
+	$(BIN)/python -m benchmarks.backend_attack
+
 # Uncertainty estimators: time, memory and error detection on the CPU (benchmarks/results/uncertainty.{json,md}).
 # A GPU column comes from `python -m benchmarks.uncertainty --device cuda --parts speed --json-out X` on a GPU
 # machine, merged with `--merge-gpu X`.

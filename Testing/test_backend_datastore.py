@@ -384,9 +384,12 @@ def _inference(store, cid, version="v0001", passes=2):
     return store.add_inference(cid, version, passes, vols, {"score": {"mean": 0.5, "sum": 1.0}})
 
 
-def test_correction_archives_the_map_of_the_kind_shown(store):
+def test_correction_archives_the_map_of_the_kind_shown(store, tmp_path, tiny_net_config):
     cid = _train_ids(store)[6]
     shape = store.grid(cid).shape
+    # The version the annotator's inference came from (a label may only name a version the datastore has).
+    ModelRegistry(store).add_version(_checkpoint(tmp_path, tiny_net_config), {"parent": None, "metrics": {},
+                                                                              "trained_on": {}})
     entry = _inference(store, cid)
     folder = store.inference_dir(cid, entry["inference_id"])
     assert "uncertainty_kind" not in entry  # the cache entry serves every kind

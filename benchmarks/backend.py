@@ -56,11 +56,14 @@ PROFILES = {
 
 def machine() -> dict:
     import sqlite3
+    from importlib.metadata import PackageNotFoundError, version
 
-    import fastapi
-    import monai
-    import torch
-    import uvicorn
+    def installed(name: str) -> str:
+        # The installed distribution's version: importing monai only to read it costs seconds.
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -73,8 +76,8 @@ def machine() -> dict:
     return {
         "cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-        "python": platform.python_version(), "torch": torch.__version__, "monai": monai.__version__,
-        "fastapi": fastapi.__version__, "uvicorn": uvicorn.__version__, "sqlite": sqlite3.sqlite_version,
+        "python": platform.python_version(), "torch": installed("torch"), "monai": installed("monai"),
+        "fastapi": installed("fastapi"), "uvicorn": installed("uvicorn"), "sqlite": sqlite3.sqlite_version,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
 

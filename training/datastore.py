@@ -47,12 +47,16 @@ from SSLSegmentLib.data import contract
 from SSLSegmentLib.data.volume import Geometry, ImageError, Volume
 from SSLSegmentLib.data.imageio import (
     DEFAULT_MAX_VOXELS,
+    HOST_TAG,
     IMAGE_SUFFIXES,
+    TEMP_RE,
     fsync_dir,
     read_label,
     read_volume,
     strip_suffix,
+    temp_prefix,
     write_volume,
+    writer_tag,
 )
 
 SCHEMA_VERSION = 2
@@ -80,6 +84,9 @@ DEFAULT_SETTINGS = {
     "max_upload_mb": 512.0,
     # Voxels an uploaded image may declare; its header is checked before a voxel is decoded (imageio.read_volume).
     "max_voxels": DEFAULT_MAX_VOXELS,
+    # How many times its file's size an uploaded image may decode to (0 = no bound): a scan compresses a few times at
+    # most, a block of zeros a thousandfold, so a few hundred kilobytes cannot make the server hold gigabytes.
+    "max_expansion": 100.0,
     "num_classes": 2,
     # Defaults of POST /train; request parameters override them.
     "train": {
@@ -185,9 +192,15 @@ _ADDED_COLUMNS = (("labels", "uncertainty_kind", "TEXT"), ("labels", "threshold"
 
 
 
-# Spooled uploads: the prefix names them; --clean removes those older than this (none is in flight that long).
+# Spooled uploads: the prefix names them, followed by the writer's tag (imageio.writer_tag) for those spooled since
+# the tag exists; those of a writer that is gone are removed when a server or worker starts, and --clean removes any
+# older than UPLOAD_STALE_S (none is in flight that long).
 UPLOAD_PREFIX = "upload-"
 UPLOAD_STALE_S = 3600.0
+UPLOAD_RE = re.compile(r"^upload-(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)-")
+# A folder published by StagedFolder names its writer in this file; while the folder is not indexed yet, a writer
+# that is gone means a write that was cut short (a crash between the rename and the index row).
+WRITER_FILE = ".writer"
 
 # An operator's cap on the index (a quota on a shared server): past it a write fails as on a full disk, nothing of it
 # is kept, and the API answers 507. Unset: the disk is the limit.
@@ -254,6 +267,10 @@ class InvalidInput(DatastoreError, ValueError):
     """A value or file that cannot be stored, with a message that says why."""
 
 
+class Damaged(DatastoreError):
+    """A stored file no longer matches what the index recorded for it (damaged on disk): it is not used."""
+
+
 def iso(t: float | None) -> str | None:
     return None if t is None else datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds")
 
@@ -317,6 +334,8 @@ class StagedFolder:
             dest = staging.publish(prefix="r")        # parent/r0001, r0002, ... (or publish(name="..."))
 
     Every file in the folder is fsynced before the rename; if the block fails or never publishes, the folder goes.
+    The folder holds WRITER_FILE, naming the process that wrote it: if that process dies before the folder is
+    indexed, `Datastore.clean_interrupted` knows the folder for a leftover.
     """
 
     def __init__(self, parent: Path):
@@ -326,7 +345,8 @@ class StagedFolder:
 
     def __enter__(self) -> "StagedFolder":
         self.parent.mkdir(parents=True, exist_ok=True)
-        self.path = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.parent))
+        self.path = Path(tempfile.mkdtemp(prefix=temp_prefix(), dir=self.parent))
+        (self.path / WRITER_FILE).write_text(writer_tag())
         return self
 
     def publish(self, name: str | None = None, *, prefix: str | None = None, width: int = 4) -> Path:
@@ -578,8 +598,10 @@ class Datastore:
         """
         source = Path(source)
         suffix = image_suffix(filename or source.name)
+        settings = self.settings
         try:
-            vol = read_volume(source, max_voxels=int(self.settings["max_voxels"]))
+            vol = read_volume(source, max_voxels=int(settings["max_voxels"]),
+                              max_expansion=float(settings["max_expansion"]) or None)
         except ImageError as exc:
             raise InvalidInput(str(exc).replace(str(source), filename or source.name)) from None
         digest = sha256_file(source)
@@ -595,32 +617,49 @@ class Datastore:
         other = [p for p in (self.root / f"{case_id}{s}" for s in IMAGE_SUFFIXES) if p.exists()]
         if other and other[0] != dest:
             raise Conflict(f"an image file for {case_id!r} already exists ({other[0].name})")
-        placed = not dest.exists()
-        if placed:
-            self._place_file(source, dest, move=move)
-        elif sha256_file(dest) != digest:
-            raise Conflict(f"{dest.name} exists with different content but is not indexed; run datastore-check")
-        split = split or hash_split(case_id, self.split_seed, self.split_ratios)
+        twin = None
+        if not dest.exists():
+            try:
+                twin = self._place_file(source, dest, move=move)
+            except FileExistsError:
+                pass  # a concurrent upload for this id placed its file first: compared below
+        placed = twin is not None
         try:
-            with self.transaction() as db:
-                if db.execute("SELECT 1 FROM cases WHERE case_id = ?", (case_id,)).fetchone():
-                    return self.case(case_id), False  # a concurrent identical upload won
-                db.execute(
-                    "INSERT INTO cases(case_id, split, image, sha256, shape, geometry, created) VALUES (?,?,?,?,?,?,?)",
-                    (case_id, split, dest.name, digest, json.dumps(list(vol.shape)), json.dumps(vol.geometry.to_dict()),
-                     time.time()),
-                )
-        except BaseException:
-            # Not indexed (disk or index full, ...): take back the file this call placed, unless a concurrent
-            # identical upload indexed it meanwhile.
-            if placed and not self.db.execute("SELECT 1 FROM cases WHERE image = ?", (dest.name,)).fetchone():
-                dest.unlink(missing_ok=True)
-            raise
+            if not placed and sha256_file(dest) != digest:
+                if self.db.execute("SELECT 1 FROM cases WHERE case_id = ?", (case_id,)).fetchone():
+                    raise Conflict(f"case id {case_id!r} is already registered with a different image")
+                raise Conflict(f"{dest.name} exists with different content but is not indexed (another upload for "
+                               f"{case_id!r} in flight, or a leftover: run datastore-check)")
+            split = split or hash_split(case_id, self.split_seed, self.split_ratios)
+            try:
+                with self.transaction() as db:
+                    existing = db.execute("SELECT sha256 FROM cases WHERE case_id = ?", (case_id,)).fetchone()
+                    if existing is not None:  # a concurrent upload for this id was indexed first
+                        if existing["sha256"] != digest:
+                            raise Conflict(f"case id {case_id!r} is already registered with a different image")
+                        return self.case(case_id), False
+                    db.execute(
+                        "INSERT INTO cases(case_id, split, image, sha256, shape, geometry, created) "
+                        "VALUES (?,?,?,?,?,?,?)",
+                        (case_id, split, dest.name, digest, json.dumps(list(vol.shape)),
+                         json.dumps(vol.geometry.to_dict()), time.time()),
+                    )
+            except BaseException:
+                # Not indexed (disk or index full, ...): take back the file this call placed, unless a concurrent
+                # identical upload indexed it meanwhile.
+                if placed and not self.db.execute("SELECT 1 FROM cases WHERE image = ?", (dest.name,)).fetchone():
+                    dest.unlink(missing_ok=True)
+                raise
+        finally:
+            if twin is not None:
+                twin.unlink(missing_ok=True)
         return self.case(case_id), True
 
-    def _place_file(self, source: Path, dest: Path, move: bool) -> None:
-        """Put a file at `dest` atomically and never over an existing one (link fails if it exists)."""
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=dest.name, dir=dest.parent)
+    def _place_file(self, source: Path, dest: Path, move: bool) -> Path:
+        """Put a file at `dest` atomically and never over an existing one (FileExistsError). Returns its twin: a
+        hard link to it under this writer's temporary name, which the caller removes once the index row is
+        committed. A writer that dies in between leaves the twin, so `clean_interrupted` knows `dest` for a leftover."""
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(), suffix=dest.name, dir=dest.parent)
         os.close(fd)
         try:
             if move:
@@ -630,8 +669,10 @@ class Datastore:
             fsync_file(Path(tmp))
             os.link(tmp, dest)
             fsync_dir(dest.parent)
-        finally:
+        except BaseException:
             Path(tmp).unlink(missing_ok=True)
+            raise
+        return Path(tmp)
 
     def _case_row(self, case_id: str) -> sqlite3.Row:
         checked_case_id(case_id)
@@ -779,6 +820,8 @@ class Datastore:
             uncertainty_kind = threshold = None
         if model_version is not None and model_version != "":
             validate_version(model_version)
+            if self.db.execute("SELECT 1 FROM models WHERE version = ?", (model_version,)).fetchone() is None:
+                raise InvalidInput(f"model_version {model_version!r} is not a model version of this datastore")
         else:
             model_version = None
         if submission_id is not None and not re.fullmatch(r"[A-Za-z0-9_-]{8,64}", submission_id):
@@ -786,9 +829,7 @@ class Datastore:
         if submission_id:
             row = self.db.execute("SELECT * FROM labels WHERE submission_id = ?", (submission_id,)).fetchone()
             if row is not None:
-                if row["case_id"] != case_id:
-                    raise Conflict(f"submission {submission_id} was already used for another case")
-                return self._revision_dict(row), False
+                return self._replayed(row, case_id, kind, label, reviewed_mask), False
         grid = self.grid(case_id)
         grid.check(label, "label")
         n_classes = int(self.settings["num_classes"])
@@ -813,24 +854,44 @@ class Datastore:
         geom = grid.geometry
         uncertainty_src = self._shown_uncertainty(case_id, inference_id, model_version,
                                                   uncertainty_kind or contract.DEFAULT_UNCERTAINTY)
+        twin = None
         if kind == "correction":
             shown = {"uncertainty_kind": uncertainty_kind, "threshold": threshold}
             rel_label, rel_mask, rel_unc = self._write_correction(case_id, author, Volume(lab, geom), Volume(mask, geom),
                                                                   uncertainty_src, model_version, shown)
         else:
-            rel_label, rel_mask, rel_unc = self._write_whole_label(case_id, kind, Volume(lab, geom)), None, None
-        digest = sha256_file(self.abs(rel_label))
+            (rel_label, twin), rel_mask, rel_unc = self._write_whole_label(case_id, kind, Volume(lab, geom)), None, None
         # This submission's own files: a correction's published folder, or a whole label's file.
         written = self.abs(rel_label).parent if kind == "correction" else self.abs(rel_label)
         try:
+            digest = sha256_file(self.abs(rel_label))
             revision = self._index_label(case_id, kind, author, model_version, rel_label, rel_mask, rel_unc,
-                                         uncertainty_kind, threshold, mask, lab, submission_id, digest)
+                                         uncertainty_kind, threshold, mask, lab, submission_id, digest,
+                                         replay=lambda row: self._replayed(row, case_id, kind, label, reviewed_mask))
         except BaseException:
             self._discard(written)  # nothing indexed points at this submission's own files
             raise
+        finally:
+            if twin is not None:
+                twin.unlink(missing_ok=True)
         if not revision[1]:
             self._discard(written)  # a concurrent retry won the race: its files are the indexed ones
         return revision
+
+    def _replayed(self, row: sqlite3.Row, case_id: str, kind: str, label: Volume, mask: Volume | None) -> dict:
+        """The stored revision of a submission id sent again: the same submission (a retry) is answered with it; the
+        id sent with another case, kind or content is refused, since answering it would acknowledge a label that
+        was never stored."""
+        sid = row["submission_id"]
+        if row["case_id"] != case_id or row["kind"] != kind:
+            raise Conflict(f"submission {sid} was already used for another {'case' if row['case_id'] != case_id else 'kind'}")
+        same = np.array_equal(read_label(self.abs(row["path"])).array, np.asarray(label.array, np.uint8))
+        if same and row["reviewed_mask"]:
+            same = mask is not None and np.array_equal(read_label(self.abs(row["reviewed_mask"])).array,
+                                                       np.asarray(mask.array, np.uint8))
+        if not same:
+            raise Conflict(f"submission {sid} was already used for a different label or reviewed mask")
+        return self._revision_dict(row)
 
     @staticmethod
     def _discard(path: Path) -> None:
@@ -838,12 +899,12 @@ class Datastore:
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
     def _index_label(self, case_id, kind, author, model_version, rel_label, rel_mask, rel_unc, uncertainty_kind,
-                     threshold, mask, lab, submission_id, digest) -> tuple[dict, bool]:
+                     threshold, mask, lab, submission_id, digest, replay) -> tuple[dict, bool]:
         with self.transaction() as db:
             if submission_id:
                 row = db.execute("SELECT * FROM labels WHERE submission_id = ?", (submission_id,)).fetchone()
-                if row is not None:
-                    return self._revision_dict(row), False
+                if row is not None:  # a concurrent request with this id was indexed first
+                    return replay(row), False
             cur = db.execute(
                 "INSERT INTO labels(case_id, kind, author, model_version, created, path, reviewed_mask, uncertainty, "
                 "uncertainty_kind, threshold, reviewed_voxels, foreground_voxels, submission_id, sha256) "
@@ -876,18 +937,29 @@ class Datastore:
         path = self.abs(row["path"]) / f"{validate_uncertainty_kind(kind)}.nrrd"
         return path if path.is_file() else None
 
-    def _write_whole_label(self, case_id: str, kind: str, label: Volume) -> str:
+    def _write_whole_label(self, case_id: str, kind: str, label: Volume) -> tuple[str, Path]:
+        """Write a final or original label as the case's next free `<case>[@n].nrrd`, never over another; returns
+        its path and its twin (see `_place_file`), which the caller removes once the revision is indexed."""
         folder = self.root / "labels" / kind
-        n = 1
-        while True:
-            dest = folder / (f"{case_id}.nrrd" if n == 1 else f"{case_id}@{n}.nrrd")
-            if not dest.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=temp_prefix(), suffix=".nrrd", dir=folder)
+        os.close(fd)
+        twin = Path(name)
+        try:
+            write_volume(label, twin)  # fsynced
+            n = 1
+            while True:
+                dest = folder / (f"{case_id}.nrrd" if n == 1 else f"{case_id}@{n}.nrrd")
                 try:
-                    write_volume(label, dest, overwrite=False)
-                    return self.rel(dest)
+                    os.link(twin, dest)  # fails on an existing file: a revision is never overwritten
+                    break
                 except FileExistsError:
-                    pass
-            n += 1
+                    n += 1
+            fsync_dir(folder)
+        except BaseException:
+            twin.unlink(missing_ok=True)
+            raise
+        return self.rel(dest), twin
 
     def _write_correction(self, case_id: str, author: str, label: Volume, mask: Volume, uncertainty_src: Path | None,
                           model_version: str | None, shown: dict) -> tuple[str, str, str | None]:
@@ -1018,11 +1090,15 @@ class Datastore:
                     "passes": int(passes), "created": iso(time.time())}
             (staging.path / "inference.json").write_text(json.dumps(meta))
             dest = staging.publish(inference_id)
-        with self.transaction() as db:
-            db.execute("INSERT INTO inferences(inference_id, case_id, model_version, passes, created, path, "
-                       "uncertainty_mean, uncertainty_sum) VALUES (?,?,?,?,?,?,?,?)",
-                       (inference_id, case_id, model_version, int(passes), time.time(), self.rel(dest),
-                        (meta.get("score") or {}).get("mean"), (meta.get("score") or {}).get("sum")))
+        try:
+            with self.transaction() as db:
+                db.execute("INSERT INTO inferences(inference_id, case_id, model_version, passes, created, path, "
+                           "uncertainty_mean, uncertainty_sum) VALUES (?,?,?,?,?,?,?,?)",
+                           (inference_id, case_id, model_version, int(passes), time.time(), self.rel(dest),
+                            (meta.get("score") or {}).get("mean"), (meta.get("score") or {}).get("sum")))
+        except BaseException:
+            self._discard(dest)  # not indexed: nothing may point at it
+            raise
         return meta
 
     def inference_volume(self, case_id: str, inference_id: str, name: str) -> Path:
@@ -1203,23 +1279,93 @@ class Datastore:
         return self.root / "jobs" / job_id
 
     # -- consistency ----------------------------------------------------------------------------------------
-    def check(self, clean: bool = False) -> dict:
-        """Report (and with clean=True remove) leftovers of interrupted writes: staging folders/files, and files
-        that are not indexed. Indexed files that are missing are errors. Never touches an indexed file."""
-        report = {"integrity": self.db.execute("PRAGMA integrity_check").fetchone()[0], "staging": [], "unindexed": [],
-                  "missing": []}
+    def _indexed_paths(self) -> set[str]:
         indexed = set()
         for r in self.db.execute("SELECT path, reviewed_mask, uncertainty FROM labels"):
             indexed.update(p for p in r if p)
-        for r in self.db.execute("SELECT path FROM models"):
-            indexed.add(r["path"])
+        indexed.update(r["path"] for r in self.db.execute("SELECT path FROM models"))
         indexed.update(r["image"] for r in self.db.execute("SELECT image FROM cases"))
-        for rel in indexed:
-            if not (self.root / rel).is_file():
-                report["missing"].append(rel)
+        indexed.update(r["path"] for r in self.db.execute("SELECT path FROM inferences"))
+        return indexed
+
+    @staticmethod
+    def _coverage(indexed: set[str]):
+        """A test of whether the index points at a path, at a file inside it, or at a folder holding it."""
+        holders = {"/".join(p.split("/")[:i]) for p in indexed for i in range(1, p.count("/") + 1)}
+
+        def covered(rel: str) -> bool:
+            parts = rel.split("/")
+            return rel in holders or any("/".join(parts[:i]) in indexed for i in range(1, len(parts) + 1))
+        return covered
+
+    @staticmethod
+    def _writer_gone(host: str, pid: str) -> bool:
+        """A writer is known to be gone when it ran on this host and its process no longer exists; one on another
+        host (a datastore on a shared disk) is never presumed dead."""
+        return host == HOST_TAG and not _pid_alive(int(pid))
+
+    def interrupted_writes(self) -> list[tuple[Path, str]]:
+        """What writers that died mid-write left, as (path, why): their staging folders and temporary files, their
+        spooled uploads, and what they had published but not yet indexed (a file whose twin they still held, a
+        folder naming them in WRITER_FILE). Only writers known to be gone (`_writer_gone`) count."""
+        found: list[tuple[Path, str]] = []
+        covered = self._coverage(self._indexed_paths())
+        for p in self.upload_dir.iterdir():
+            m = UPLOAD_RE.match(p.name)
+            if m and self._writer_gone(m["host"], m["pid"]):
+                found.append((p, "spooled upload"))
+        temps = [p for p in self.root.iterdir() if p.name.startswith(".tmp-")]
+        published = []
         for sub in ("labels", "models", "inference"):
-            for p in (self.root / sub).rglob(".tmp-*"):
-                report["staging"].append(self.rel(p))
+            for folder, dirs, files in os.walk(self.root / sub):
+                here = Path(folder)
+                temps += [here / n for n in dirs + files if n.startswith(".tmp-")]
+                dirs[:] = [d for d in dirs if not d.startswith(".tmp-")]
+                if WRITER_FILE in files:
+                    published.append(here)
+        for p in temps:
+            m = TEMP_RE.match(p.name)
+            if not (m and self._writer_gone(m["host"], m["pid"])):
+                continue
+            if p.is_file() and p.stat().st_nlink > 1:  # the twin of a file placed but maybe never indexed
+                ino = p.stat().st_ino
+                for q in p.parent.iterdir():
+                    if q != p and not q.name.startswith(".") and q.is_file() and q.stat().st_ino == ino \
+                            and not covered(self.rel(q)):
+                        found.append((q, "placed, never indexed"))
+            found.append((p, "staging"))
+        for folder in published:
+            try:
+                host, _, pid = (folder / WRITER_FILE).read_text().strip().partition("-")
+            except OSError:
+                continue
+            if pid.isdigit() and self._writer_gone(host, pid) and not covered(self.rel(folder)):
+                found.append((folder, "published, never indexed"))
+        return found
+
+    def clean_interrupted(self) -> list[str]:
+        """Remove what `interrupted_writes` finds; returns the paths removed (relative). The server and the worker
+        run it when they start, so a crash leaves nothing behind once they are back."""
+        removed = []
+        for path, _ in self.interrupted_writes():
+            self._discard(path)
+            removed.append(self.rel(path))
+        return removed
+
+    def check(self, clean: bool = False) -> dict:
+        """Report (and with clean=True remove) leftovers of interrupted writes: staging folders/files, spooled
+        uploads, and files that are not indexed. Indexed files that are missing are errors. Never touches an
+        indexed file, nor what a live writer is writing."""
+        report = {"integrity": self.db.execute("PRAGMA integrity_check").fetchone()[0], "staging": [], "unindexed": [],
+                  "missing": []}
+        indexed = self._indexed_paths()
+        for rel in indexed:
+            if not (self.root / rel).exists():
+                report["missing"].append(rel)
+        staging = [p for p in self.root.iterdir() if p.name.startswith(".tmp-")]
+        for sub in ("labels", "models", "inference"):
+            staging += [p for p in (self.root / sub).rglob(".tmp-*") if ".tmp-" not in self.rel(p.parent)]
+        report["staging"] = sorted(self.rel(p) for p in staging)
         for p in (self.root / "labels").rglob("*.nrrd"):
             rel = self.rel(p)
             if ".tmp-" not in rel and rel not in indexed:
@@ -1231,12 +1377,15 @@ class Datastore:
         now = time.time()
         uploads = [p for p in self.upload_dir.glob(f"{UPLOAD_PREFIX}*") if p.is_file()]
         report["uploads"] = sorted(self.rel(p) for p in uploads)
+        report["interrupted"] = sorted(self.rel(p) for p, _ in self.interrupted_writes())
         if clean:
-            for rel in report["staging"]:
-                p = self.root / rel
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            self.clean_interrupted()
+            for p in staging:
+                m = TEMP_RE.match(p.name)
+                if m is None or self._writer_gone(m["host"], m["pid"]):  # a live writer's is in flight: kept
+                    self._discard(p)
             for p in uploads:
-                if now - p.stat().st_mtime > UPLOAD_STALE_S:
+                if p.exists() and now - p.stat().st_mtime > UPLOAD_STALE_S:
                     p.unlink(missing_ok=True)
         report["ok"] = report["integrity"] == "ok" and not report["missing"]
         return report

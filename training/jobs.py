@@ -109,12 +109,34 @@ def _patch_size(name, v, store):
 
 
 def _network(name, v, store):
-    from SSLSegmentLib.ml.networks import NetworkConfig
+    """A network this datastore can train: sizes that are positive integers, one input channel (its images have
+    one), its class count, and a network the builder makes. Built on the meta device: no memory, so a refusal
+    costs nothing, and a network that cannot be built is a 422 now rather than a job that fails later."""
+    import torch
+
+    from SSLSegmentLib.ml.networks import NetworkConfig, build_network
 
     try:
-        NetworkConfig(**v)
+        cfg = NetworkConfig(**v)
     except (TypeError, ValueError) as exc:
         raise InvalidInput(f"{name}: {exc}") from None
+    sizes = {"channels": list(cfg.channels), "strides": list(cfg.strides), "features": [cfg.features],
+             "num_res_units": [cfg.num_res_units + 1]}
+    for key, values in sizes.items():
+        if not values or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in values):
+            low = 0 if key == "num_res_units" else 1
+            raise InvalidInput(f"{name}: {key} must be integers of at least {low}, got {getattr(cfg, key)!r}")
+    if cfg.in_channels != 1:
+        raise InvalidInput(f"{name}: in_channels must be 1 (the datastore's images have one channel), "
+                           f"got {cfg.in_channels!r}")
+    classes = int(store.settings["num_classes"])
+    if cfg.num_classes != classes:
+        raise InvalidInput(f"{name}: num_classes must be the datastore's {classes}, got {cfg.num_classes!r}")
+    try:
+        with torch.device("meta"):
+            build_network(cfg)
+    except Exception as exc:  # the builder's own refusal: an unknown norm, a level count it cannot make
+        raise InvalidInput(f"{name}: the network cannot be built ({type(exc).__name__}: {str(exc).strip()[:200]})") from None
 
 
 # Bounds of the API, not of the method: a request beyond them is a typo or an attack, never a training run
@@ -216,7 +238,7 @@ def _check_whole_config(store: Datastore, params: dict) -> None:
 
     init = params.get("init", "current")
     version = ModelRegistry(store).current if init == "current" else (None if init == "scratch" else init)
-    parent = load_checkpoint(ModelRegistry(store).model_path(version)) if version else None
+    parent = load_checkpoint(ModelRegistry(store).checkpoint_path(version)) if version else None
     try:
         config = build_train_config(params, parent)
     except JobFailed as exc:

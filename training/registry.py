@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 
-from training.datastore import Conflict, Datastore, InvalidInput, NotFound, StagedFolder, iso, sha256_file, validate_version
+from training.datastore import (Conflict, Damaged, Datastore, InvalidInput, NotFound, StagedFolder, iso, sha256_file,
+                                validate_version)
 
 CURRENT_KEY = "current_model"
 
@@ -121,6 +122,18 @@ class ModelRegistry:
     def model_path(self, version: str) -> Path:
         return self.store.abs(self._row(version)["path"])
 
+    def checkpoint_path(self, version: str) -> Path:
+        """The version's checkpoint, after checking it against the digest recorded when it was published: a
+        damaged file (a bad disk, a bit flip, a copy cut short) is refused rather than trained from, served or made
+        current, since it may still load and give wrong answers. Raises Damaged."""
+        row = self._row(version)
+        path = self.store.abs(row["path"])
+        if not path.is_file() or sha256_file(path) != row["sha256"]:
+            raise Damaged(f"the checkpoint of model version {version} does not match the digest recorded when it was "
+                          f"published ({'missing' if not path.is_file() else 'damaged on disk'}); make another "
+                          f"version current, or restore {row['path']} from a backup")
+        return path
+
     def promotion_history(self) -> list[dict]:
         return [{"version": r["version"], "previous": r["previous"], "at": iso(r["at"]), "reason": r["reason"]}
                 for r in self.store.db.execute("SELECT * FROM promotions ORDER BY id")]
@@ -146,12 +159,16 @@ class ModelRegistry:
             (staging.path / "version.json").write_text(json.dumps(info, indent=2, default=str))
             dest = staging.publish(prefix="v")
         version = dest.name
-        with store.transaction() as db:
-            db.execute("INSERT INTO models(version, created, job_id, parent, method, path, sha256, metrics, trained_on, "
-                       "promoted, decision) VALUES (?,?,?,?,?,?,?,?,?,0,?)",
-                       (version, time.time(), job_id, meta.get("parent"), meta.get("method") or ckpt.get("method"),
-                        store.rel(dest / "model.pt"), digest, json.dumps(meta.get("metrics", {}), default=float),
-                        json.dumps(meta.get("trained_on", {})), meta.get("decision")))
+        try:
+            with store.transaction() as db:
+                db.execute("INSERT INTO models(version, created, job_id, parent, method, path, sha256, metrics, "
+                           "trained_on, promoted, decision) VALUES (?,?,?,?,?,?,?,?,?,0,?)",
+                           (version, time.time(), job_id, meta.get("parent"), meta.get("method") or ckpt.get("method"),
+                            store.rel(dest / "model.pt"), digest, json.dumps(meta.get("metrics", {}), default=float),
+                            json.dumps(meta.get("trained_on", {})), meta.get("decision")))
+        except BaseException:
+            shutil.rmtree(dest, ignore_errors=True)  # not indexed: no half-registered version stays behind
+            raise
         return self.model(version)
 
     def set_decision(self, version: str, decision: str) -> None:
@@ -161,8 +178,9 @@ class ModelRegistry:
 
     def promote(self, version: str, reason: str = "manual", expected_current: str | None = "*") -> dict:
         """Make `version` current. expected_current (not "*"): only if current is still that (compare-and-set, so a
-        job never overrides a manual promotion that happened while it trained)."""
-        self._row(version)
+        job never overrides a manual promotion that happened while it trained). A version whose checkpoint no
+        longer matches its digest is refused (Damaged): the current model stays what it was."""
+        self.checkpoint_path(version)
         with self.store.transaction() as db:
             previous = self.store.get_meta(db, CURRENT_KEY)
             if expected_current != "*" and previous != expected_current:

@@ -27,13 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Depends, FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi import APIRouter, Body, Depends, FastAPI, File, Form, HTTPException, Path as PathParam, Request, UploadFile
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from SSLSegmentLib.data import contract
+from SSLSegmentLib.data.imageio import writer_tag
 from SSLSegmentLib.data.volume import ImageError
 
 from training.datastore import (
@@ -42,6 +43,7 @@ from training.datastore import (
     UPLOAD_PREFIX,
     SPLITS,
     Conflict,
+    Damaged,
     Datastore,
     InvalidInput,
     NotFound,
@@ -127,6 +129,11 @@ def valid_case_id(case_id: str) -> str:
     return _bad_request(checked_case_id, case_id)
 
 
+# Row ids (revisions, exclusions) are SQLite integers: a larger number names nothing, and would not even reach the
+# query (OverflowError).
+MAX_ROW_ID = 2**63 - 1
+RowId = Annotated[int, PathParam(ge=1, le=MAX_ROW_ID)]
+
 B = Annotated[Backend, Depends(backend)]
 CaseId = Annotated[str, Depends(valid_case_id)]
 AUTH = [Depends(require_token)]
@@ -140,7 +147,8 @@ def save_upload(b: Backend, upload: UploadFile | None, what: str) -> Path:
         suffix = image_suffix(upload.filename)
     except InvalidInput as exc:
         raise HTTPException(415, str(exc)) from None
-    fd, tmp = tempfile.mkstemp(prefix=UPLOAD_PREFIX, suffix=suffix, dir=b.upload_dir)
+    # Named by this process, so what a killed server spooled is removed when it starts again.
+    fd, tmp = tempfile.mkstemp(prefix=f"{UPLOAD_PREFIX}{writer_tag()}-", suffix=suffix, dir=b.upload_dir)
     try:
         with os.fdopen(fd, "wb") as fh:
             shutil.copyfileobj(upload.file, fh, 1 << 20)
@@ -170,6 +178,7 @@ ERRORS = {code: {"model": ErrorBody, "description": text} for code, text in (
     (413, "the body is larger than the upload limit"),
     (415, "a file type the backend does not read"),
     (422, "the request or the uploaded volume is invalid; the message says which field and why"),
+    (503, "the datastore index is busy (try again), or a stored model checkpoint is damaged"),
     (507, "the datastore's disk or index is full; nothing was stored"),
 )}
 
@@ -235,6 +244,8 @@ def get_image(b: B, case_id: CaseId):
 
 @cases_router.delete("/{case_id}/lease")
 def release(b: B, case_id: CaseId, annotator: str | None = None):
+    if annotator is not None:
+        _bad_request(validate_author, annotator)
     b.store.case(case_id)
     return {"case_id": case_id, "released": b.store.release_lease(case_id, annotator)}
 
@@ -301,7 +312,7 @@ def label_history(b: B, case_id: CaseId):
 
 
 @labels_router.get("/{revision}/{name}")
-def label_file(b: B, case_id: CaseId, revision: int, name: Literal["label", "reviewed_mask", "uncertainty"]):
+def label_file(b: B, case_id: CaseId, revision: RowId, name: Literal["label", "reviewed_mask", "uncertainty"]):
     return _file(b.store.revision_file(case_id, revision, name), f"{name}.nrrd")
 
 
@@ -353,7 +364,7 @@ def promote(b: B, version: str):
 
 @models_router.get("/{version}/weights")
 def weights(b: B, version: str):
-    return _file(b.registry.model_path(version), f"{version}.pt")
+    return _file(b.registry.checkpoint_path(version), f"{version}.pt")
 
 
 # -- exclusions -----------------------------------------------------------------------------------------------
@@ -365,7 +376,8 @@ class ExclusionRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
     case_id: str
-    revision: int | None = Field(None, ge=1, description="one label revision of the case; omitted: the whole case")
+    revision: int | None = Field(None, ge=1, le=MAX_ROW_ID,
+                                 description="one label revision of the case; omitted: the whole case")
     reason: str = Field(..., min_length=1, max_length=1000, description="why, for the audit trail")
     author: str = "anonymous"
 
@@ -389,7 +401,7 @@ def exclude(b: B, request: ExclusionRequest):
 
 
 @exclusions_router.post("/{exclusion_id}/lift")
-def lift_exclusion(b: B, exclusion_id: int, request: LiftRequest):
+def lift_exclusion(b: B, exclusion_id: RowId, request: LiftRequest):
     _bad_request(validate_author, request.author)
     return b.store.lift_exclusion(exclusion_id, request.author, request.reason)
 
@@ -427,6 +439,11 @@ class _Door:
         if path.startswith(API) and path != f"{API}/health" and not token_matches(
                 headers.get(b"authorization", b"").decode("latin-1"), self.token):
             refusal = (401, UNAUTHORISED, [(b"www-authenticate", b"Bearer")])
+        elif b"content-length" in headers and b"transfer-encoding" in headers:
+            # Two framings for one body: a proxy in front and this server could each take a different one and
+            # disagree on where the next request starts (request smuggling). HTTP/1.1 allows refusing it.
+            refusal = (400, "a request may not carry both Content-Length and Transfer-Encoding", [])
+            announced = 0
         elif announced > self.limit:
             refusal = (413, self._too_large_message(), [])
         if refusal is not None:
@@ -572,6 +589,9 @@ def create_app(datastore_dir: str | os.PathLike, token: str | None = None, *, ma
     registry = ModelRegistry(store)
     upload_dir = store.upload_dir
     version = _version()
+    removed = store.clean_interrupted()  # what a killed server or worker left: spooled uploads, half-made revisions
+    if removed:
+        log.warning("removed %d leftover(s) of interrupted writes", len(removed))
 
     app = FastAPI(title="SSLSegment backend", version=version,
                   description="Datastore, inference with uncertainty and review regions, corrections and retraining. "
@@ -580,7 +600,7 @@ def create_app(datastore_dir: str | os.PathLike, token: str | None = None, *, ma
                                 submissions=SubmissionService(store), token=token, limit_mb=limit_mb, version=version,
                                 upload_dir=upload_dir)
     app.add_middleware(_Door, limit_bytes=int(limit_mb * 2**20), token=token, body_timeout_s=body_timeout_s)
-    for exc_type, status in ((NotFound, 404), (Conflict, 409), (InvalidInput, 422), (ImageError, 422)):
+    for exc_type, status in ((NotFound, 404), (Conflict, 409), (InvalidInput, 422), (ImageError, 422), (Damaged, 503)):
         app.add_exception_handler(exc_type, _error(status))
     app.add_exception_handler(RequestValidationError, _request_invalid)
     app.add_exception_handler(OSError, _storage_error)
@@ -605,4 +625,27 @@ def serve(datastore_dir: str | os.PathLike, host: str = "127.0.0.1", port: int =
         announce(f"warning: listening on {host}, reachable from other machines; use TLS in front of it")
     app = create_app(datastore_dir, token, max_upload_mb=max_upload_mb, device=device, body_timeout_s=body_timeout_s)
     announce(f"serving {store.root} on http://{host}:{port}{API}")
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False, http=json_errors_protocol())
+
+
+def json_errors_protocol():
+    """uvicorn's h11 protocol, answering a request it cannot parse (a bad request line, header or body framing)
+    with a JSON body like every other refusal, instead of plain text. The app never sees such a request."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class JsonErrorsH11Protocol(H11Protocol):
+        def send_400_response(self, msg: str) -> None:
+            import h11
+
+            body = json.dumps({"detail": f"malformed HTTP request ({msg.rstrip('.')}): the request line, a header "
+                                         "or the body's framing cannot be parsed"}).encode()
+            for event in (h11.Response(status_code=400, reason=b"Bad Request", headers=[
+                    (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close")]), h11.Data(data=body), h11.EndOfMessage()):
+                try:
+                    self.transport.write(self.conn.send(event))
+                except h11.LocalProtocolError:  # the connection's state allows no answer any more
+                    break
+            self.transport.close()
+
+    return JsonErrorsH11Protocol

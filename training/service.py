@@ -60,7 +60,7 @@ class CurrentModel:
             raise Conflict("no model version yet: train one (POST /train) or import one")
         with self._lock:
             if self.predictor is None or self.predictor.version != current:
-                self.predictor = Predictor.from_checkpoint(self.registry.model_path(current), device=self.device,
+                self.predictor = Predictor.from_checkpoint(self.registry.checkpoint_path(current), device=self.device,
                                                            version=current)
                 log.info("loaded model version %s", current)
             return self.predictor

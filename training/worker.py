@@ -37,7 +37,7 @@ import numpy as np
 
 from SSLSegmentLib.review.local_backend import free_port, kill_group, process_group_kwargs
 
-from training.datastore import Conflict, Datastore, InvalidInput
+from training.datastore import Conflict, Damaged, Datastore, InvalidInput
 from training.jobs import JobFailed, build_train_config, resolve_train_params
 from training.registry import ModelRegistry, promotion_decision
 from training.strategies import record_score
@@ -193,6 +193,9 @@ class Worker:
 
         torch.set_num_threads(self.threads)
         self.log(f"worker {self.worker_id} on datastore {self.store.root}")
+        removed = self.store.clean_interrupted()  # what a killed worker or server left (a half-published version)
+        if removed:
+            self.log(f"removed {len(removed)} leftover(s) of interrupted writes")
         n = 0
         while not self._stop.is_set():
             self.recover()
@@ -224,7 +227,7 @@ class Worker:
             status = "succeeded"
         except _Cancelled as exc:
             status, error = "cancelled", str(exc)
-        except (JobFailed, InvalidInput) as exc:
+        except (JobFailed, InvalidInput, Damaged) as exc:
             error = str(exc)
         except Exception as exc:
             from SSLSegmentLib.ml.trainer import TrainingError
@@ -249,7 +252,7 @@ class Worker:
             params["device"] = self.device
         parent = registry.current
         init_version = parent if params["init"] == "current" else (None if params["init"] == "scratch" else params["init"])
-        init_path = registry.model_path(init_version) if init_version else None
+        init_path = registry.checkpoint_path(init_version) if init_version else None
         init_ckpt = load_checkpoint(init_path) if init_path else None
         config = build_train_config(params, init_ckpt)
         snapshot = training_snapshot(store)
@@ -279,7 +282,7 @@ class Worker:
         kept = retention(new_model, corrected, config.patch_size, device, config.val_overlap)
         parent_scores, parent_kept = None, {}
         if parent is not None:
-            parent_model, parent_ckpt = model_from_checkpoint(registry.model_path(parent), device=device)
+            parent_model, parent_ckpt = model_from_checkpoint(registry.checkpoint_path(parent), device=device)
             parent_patch = checkpoint_patch_size(parent_ckpt)
             parent_scores = validation_dices(parent_model, val, parent_patch, device, config.val_overlap) or None
             parent_kept = retention(parent_model, corrected, parent_patch, device, config.val_overlap)

@@ -8,8 +8,12 @@ never sees a half-written file and an existing file is never left truncated.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import re
+import socket
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -20,21 +24,39 @@ from SSLSegmentLib.data.volume import ImageError, Volume
 IMAGE_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha")
 
 
+# Who is writing a temporary file: the host (a short digest of its name) and the process. A crash leaves the file
+# under this name, and a later process on the same host can tell that its writer is gone (training/datastore.py).
+HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+TEMP_RE = re.compile(r"^\.tmp-(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)-")
+
+
+def writer_tag() -> str:
+    """This process's name in its temporary files: "<host digest>-<pid>"."""
+    return f"{HOST_TAG}-{os.getpid()}"
+
+
+def temp_prefix() -> str:
+    """The prefix of this process's temporary files and folders (a leading dot keeps them out of listings)."""
+    return f".tmp-{writer_tag()}-"
+
+
 # Voxels a file may declare (about 2 GB as float32): far above any clinical 3D scan (LA2018 at full resolution is
 # 36 M, a 512 x 512 x 1000 CT 262 M), and what keeps a few compressed bytes from claiming gigabytes of memory.
 DEFAULT_MAX_VOXELS = 2**29
 
 
-def read_volume(path: str | os.PathLike, *, max_spacing_mm: float = 50.0, max_voxels: int | None = DEFAULT_MAX_VOXELS
-                ) -> Volume:
+def read_volume(path: str | os.PathLike, *, max_spacing_mm: float = 50.0, max_voxels: int | None = DEFAULT_MAX_VOXELS,
+                max_expansion: float | None = None) -> Volume:
     """Read a 3D image; raise `ImageError` naming the file and the problem when it cannot be used.
 
-    The header is checked before any voxel is decoded: 3D, one component, sane spacing and direction, a size of
-    at most `max_voxels` (None: no cap). The decoded volume is exactly the declared size, so a compressed file that
-    unpacks to more than the cap is refused without being unpacked."""
+    The header is checked before any voxel is decoded: the data in the file itself (never a separate data file the
+    header names), 3D, one component, sane spacing and direction, a size of at most `max_voxels` (None: no cap)
+    and, with `max_expansion`, a decoded size of at most that many times the file's. The decoded volume is exactly
+    the declared size, so a compressed file that unpacks to more than the caps is refused without being unpacked."""
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"{path}: no such file")
+    _check_data_is_inside(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -52,6 +74,12 @@ def read_volume(path: str | os.PathLike, *, max_spacing_mm: float = 50.0, max_vo
         raise ImageError(f"{path}: degenerate size {size}")
     if max_voxels is not None and int(np.prod(size, dtype=np.int64)) > max_voxels:
         raise ImageError(f"{path}: {'x'.join(map(str, size))} voxels is more than the limit of {max_voxels:,}")
+    if max_expansion:
+        declared = int(np.prod(size, dtype=np.int64)) * _BYTES_PER_VOXEL.get(reader.GetPixelID(), 8)
+        if declared > max_expansion * max(path.stat().st_size, 1):
+            raise ImageError(f"{path}: {'x'.join(map(str, size))} voxels ({declared / 2**20:,.0f} MB) from a "
+                             f"{path.stat().st_size / 1024:,.0f} KB file: more than {max_expansion:g} times its size, "
+                             "which no scan compresses to")
     direction = np.asarray(reader.GetDirection(), np.float64).reshape(3, 3)
     if not (np.isfinite(direction).all() and np.allclose(direction @ direction.T, np.eye(3), atol=1e-3)):
         raise ImageError(f"{path}: the direction matrix is not a rotation (orthonormal axes)")
@@ -68,6 +96,47 @@ def read_volume(path: str | os.PathLike, *, max_spacing_mm: float = 50.0, max_vo
             raise ImageError(f"{path}: {bad} voxel{'s' if bad > 1 else ''} hold NaN or infinity; "
                              "every voxel must be a finite number")
     return vol
+
+
+_BYTES_PER_VOXEL = {sitk.sitkUInt8: 1, sitk.sitkInt8: 1, sitk.sitkUInt16: 2, sitk.sitkInt16: 2, sitk.sitkUInt32: 4,
+                    sitk.sitkInt32: 4, sitk.sitkUInt64: 8, sitk.sitkInt64: 8, sitk.sitkFloat32: 4, sitk.sitkFloat64: 8}
+_HEAD_BYTES = 1 << 16
+_NRRD_DATA_FILE = re.compile(rb"^[ \t]*data ?file[ \t]*:(.*)$", re.IGNORECASE | re.MULTILINE)
+_META_DATA_FILE = re.compile(rb"^[ \t]*ElementDataFile[ \t]*=(.*)$", re.IGNORECASE | re.MULTILINE)
+
+
+def _check_data_is_inside(path: Path) -> None:
+    """Refuse a header whose voxels live in another file: an NRRD `data file:`, a MetaImage `ElementDataFile` other
+    than LOCAL, a NIfTI pair (.hdr/.img) or Analyze header. The reader would open whatever the header names (another
+    user's file, the datastore's token, /dev/zero); every image here is one file. Decided from the file's content,
+    as the reader picks its format, whatever the name says."""
+    with open(path, "rb") as fh:
+        head = fh.read(_HEAD_BYTES)
+    if head[:2] == b"\x1f\x8b":  # gzip (.nii.gz): the header is at the start of the decompressed stream
+        try:
+            head = zlib.decompressobj(31).decompress(head, _HEAD_BYTES)
+        except zlib.error:
+            return  # the reader will say it is not readable
+    if head.startswith(b"NRRD"):
+        header = re.split(rb"\r?\n\r?\n", head, maxsplit=1)[0]
+        m = _NRRD_DATA_FILE.search(header)
+        if m:
+            raise ImageError(f"{path}: the header names a separate data file ({m.group(1).strip()[:80].decode('latin-1')!r});"
+                             " send the image as one file (NRRD with its data attached)")
+        return
+    m = _META_DATA_FILE.search(head)
+    if m:
+        if m.group(1).strip().upper() != b"LOCAL":
+            raise ImageError(f"{path}: the header names a separate data file ({m.group(1).strip()[:80].decode('latin-1')!r});"
+                             " send the image as one file (ElementDataFile = LOCAL)")
+        return
+    if len(head) >= 348:
+        size_le, size_be = int.from_bytes(head[:4], "little"), int.from_bytes(head[:4], "big")
+        if 348 in (size_le, size_be) and head[344:348] != b"n+1\0":
+            raise ImageError(f"{path}: a NIfTI-1 or Analyze header whose data is in a separate .img file; send a "
+                             "single-file .nii or .nii.gz")
+        if 540 in (size_le, size_be) and head[4:8] != b"n+2\0":
+            raise ImageError(f"{path}: a NIfTI-2 header whose data is in a separate file; send a single-file .nii")
 
 
 def read_label(path: str | os.PathLike, image: Volume | None = None, *,
@@ -118,7 +187,7 @@ def _atomic_target(path: Path, overwrite: bool, suffix: str):
     path.parent.mkdir(parents=True, exist_ok=True)
     if not overwrite and path.exists():
         raise FileExistsError(f"{path} exists and is immutable")
-    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=temp_prefix(), suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:

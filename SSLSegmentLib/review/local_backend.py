@@ -221,6 +221,23 @@ class LocalBackend:
         self.processes = {name: p for name, p in self.processes.items() if p is not proc}
         return status
 
+    def kill_server(self, sig: int = KILL) -> int | None:
+        """Signal the server's process group (SIGKILL by default: a crash) and reap it; the workers keep running.
+        Returns its exit status."""
+        proc = self.processes.pop("serve", None)
+        if proc is None:
+            raise RuntimeError("no server is running")
+        return kill_group(proc, sig)
+
+    def restart_server(self) -> subprocess.Popen:
+        """Start `sslsegment serve` again on the same port and datastore (after `kill_server`); `poll_ready()` or
+        `wait_until_ready()` say when it answers. Its log goes on in serve.log."""
+        if self._stopped:
+            raise RuntimeError("the local backend was stopped")
+        if "serve" in self.processes:
+            raise RuntimeError("the server is running")
+        return self._spawn("serve", self.commands()["serve"])
+
     def failed(self) -> str | None:
         """A message if a process has exited, with the end of its log."""
         for name, proc in self.processes.items():
