@@ -345,8 +345,8 @@ def _run_record(seed: int, data: Path, res: dict) -> dict:
     arms = {}
     for a, rec in res["arms"].items():
         arms[a] = {
-            "rounds": [{k: r[k] for k in ("round", "reviewed_voxels", "edited_voxels", "current_version", "test_dice",
-                                           "seconds")} | {"job": r["job"],
+            "rounds": [{k: r.get(k) for k in ("round", "reviewed_voxels", "edited_voxels", "current_version",
+                                               "test_dice", "seconds", "retention")} | {"job": r["job"],
                                                           "reviews": [{k: v[k] for k in ("case_id", "spent", "edited",
                                                                                          "errors_before", "dice_before",
                                                                                          "dice_after", "n_visited")}
