@@ -362,7 +362,8 @@ def _run_record(seed: int, data: Path, res: dict) -> dict:
 
 
 def run_profile(profile: Profile, work: Path, seeds: list[int], threads: int, data: str | None = None,
-                la_source: str | None = None, arms: list[str] | None = None) -> dict:
+                la_source: str | None = None, arms: list[str] | None = None, finetune_iterations: int | None = None,
+                out_name: str | None = None) -> dict:
     from benchmarks.experiment import environment
 
     runs, t0 = [], time.time()
@@ -375,6 +376,8 @@ def run_profile(profile: Profile, work: Path, seeds: list[int], threads: int, da
         loop = dict(profile.loop)
         if arms:
             loop["arms"] = arms
+        if finetune_iterations is not None:
+            loop["finetune"] = {**loop["finetune"], **finetune_params(finetune_iterations)}
         cfg = LoopConfig(**loop, seed=seed, threads=threads)
         run_dir = work / "loop" / profile.name / f"s{seed}"
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -386,7 +389,7 @@ def run_profile(profile: Profile, work: Path, seeds: list[int], threads: int, da
                   "seeds": [r["seed"] for r in runs], "environment": environment(), "runs": runs,
                   "aggregate": aggregate(runs), "seconds": round(time.time() - t0, 1),
                   "cpu_seconds": round(sum(r["cpu_seconds"] for r in runs), 1)}
-        _write(result, profile.out_name)
+        _write(result, out_name or profile.out_name)
     return result
 
 
@@ -402,6 +405,9 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=None, help="an imported data-set folder instead of the profile's")
     ap.add_argument("--la-source", default=None, help="the LA2018 h5 layout (default ../shared/data/LA2018)")
     ap.add_argument("--render", default=None, metavar="JSON", help="only rewrite the markdown of a result JSON")
+    ap.add_argument("--finetune-iterations", type=int, default=None, metavar="N",
+                    help="iterations of each retrain (default: the profile's); the rest of the retrain as the profile's")
+    ap.add_argument("--out-name", default=None, help="result file name (default: the profile's)")
     args = ap.parse_args(argv)
     if args.render:
         print(render(args.render))
@@ -409,7 +415,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     profile = PROFILES[args.profile]
     result = run_profile(profile, Path(args.work), args.seeds or profile.seeds, args.threads, args.data,
-                         args.la_source, args.arms)
+                         args.la_source, args.arms, args.finetune_iterations, args.out_name)
     print(markdown(result))
     return 0
 
