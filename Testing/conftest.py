@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +16,36 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 TINY_SHAPE = (24, 32, 32)
 TINY_PATCH = (16, 32, 32)
 TINY_NET = {"channels": [8, 16, 32], "strides": [2, 2], "features": 8, "num_res_units": 1}
+# The small phantom model the extension bundles (what the module's self-test serves as the first version).
+BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "SSLSegment" / "Resources" / "Models" / "phantom-tiny.pt"
+
+
+@contextlib.contextmanager
+def bundled_model_backend(folder, dataset, train_defaults: dict | None = None, poll: float = 0.5,
+                          heartbeat: float = 1.0):
+    """`sslsegment serve` + `worker` on 127.0.0.1 (the module's LocalBackend) over `dataset` imported into
+    `folder`/store the way the self-test sets one up: two labeled train cases, the labeled val split, the bundled
+    model as v0001, scoring with 2 passes. Yields the running LocalBackend; stopped on leaving."""
+    from SSLSegmentLib.review.local_backend import LocalBackend
+    from training.cli import main as sslsegment
+    from training.datastore import Datastore
+
+    root = Path(folder) / "store"
+    args = ["import-datastore", str(dataset), "--datastore", str(root), "--labels", "train:2",
+            "--model", str(BUNDLED_MODEL)]
+    if train_defaults is not None:
+        args += ["--train-defaults", json.dumps(train_defaults)]
+    assert sslsegment(args) == 0
+    store = Datastore(root)
+    store.update_settings({"score_passes": 2})
+    store.close()
+    local = LocalBackend(root, python=sys.executable, log_dir=Path(folder) / "logs",
+                         worker_args=["--threads", "1", "--poll", str(poll), "--heartbeat", str(heartbeat)])
+    local.start().wait_until_ready(timeout=180)
+    try:
+        yield local
+    finally:
+        local.stop()
 
 
 @pytest.fixture(scope="session")

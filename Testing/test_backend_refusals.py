@@ -298,8 +298,8 @@ def _raw_request(backend, head: str, body: bytes = b"", pause_s: float = 0.0, ti
 def test_the_token_is_checked_before_the_body_is_asked_for(backend):
     """An upload with a wrong token is answered 401 from its headers: a client waiting with `Expect: 100-continue`
     is never asked for its body (the form used to be parsed, and the body asked for, before the token check)."""
-    head = (f"POST /api/v1/cases HTTP/1.1\nHost: x\nAuthorization: Bearer wrong\nExpect: 100-continue\n"
-            f"Content-Type: multipart/form-data; boundary=B\nContent-Length: 500000\n")
+    head = ("POST /api/v1/cases HTTP/1.1\nHost: x\nAuthorization: Bearer wrong\nExpect: 100-continue\n"
+            "Content-Type: multipart/form-data; boundary=B\nContent-Length: 500000\n")
     assert _raw_request(backend, head).startswith("HTTP/1.1 401")
     ok = head.replace("Bearer wrong", f"Bearer {backend.token}")
     assert _raw_request(backend, ok).startswith("HTTP/1.1 100")  # with the token the server does ask for it

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,13 +24,12 @@ import pytest
 
 slicer = pytest.importorskip("slicer")
 
+from conftest import bundled_model_backend  # noqa: E402
 from SSLSegmentLib.data.imageio import read_volume, write_volume  # noqa: E402
 from SSLSegmentLib.review import scene as sa  # noqa: E402
-from SSLSegmentLib.review.local_backend import LocalBackend  # noqa: E402
 from SSLSegmentLib.review.session import ReviewSession  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-BUNDLED_MODEL = ROOT / "SSLSegment" / "Resources" / "Models" / "phantom-tiny.pt"
 REFERENCE = Path(__file__).resolve().parent / "data" / "replay"
 RECORD = os.environ.get("SSLSEGMENT_WRITE_REPLAY_REFERENCE") == "1"
 PASSES = 2
@@ -75,20 +73,8 @@ def paint(segmentation_node, segment_id: str, reference_node, stroke: np.ndarray
 
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory, tiny_dataset):
-    from training.cli import main as sslsegment
-    from training.datastore import Datastore
-
-    root = tmp_path_factory.mktemp("replay") / "store"
-    assert sslsegment(["import-datastore", str(tiny_dataset), "--datastore", str(root), "--labels", "train:2",
-                       "--model", str(BUNDLED_MODEL)]) == 0
-    store = Datastore(root)
-    store.update_settings({"score_passes": 2})
-    store.close()
-    local = LocalBackend(root, python=sys.executable, log_dir=root.parent / "logs",
-                         worker_args=["--threads", "1", "--poll", "0.5"])
-    local.start().wait_until_ready(timeout=180)
-    yield local
-    local.stop()
+    with bundled_model_backend(tmp_path_factory.mktemp("replay"), tiny_dataset) as local:
+        yield local
 
 
 def _record(session, result) -> dict:

@@ -7,20 +7,17 @@ then reviews cases end to end: fetch, infer, visit regions, correct, submit; the
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import TINY_NET, TINY_PATCH
+from conftest import TINY_NET, TINY_PATCH, bundled_model_backend
 from SSLSegmentLib.review.client import AuthError, BackendUnavailable, SSLSegmentClient
 from SSLSegmentLib.data.volume import ImageError
 from SSLSegmentLib.data.imageio import read_label, read_volume
 from SSLSegmentLib.data.regions import ReviewRegion
-from SSLSegmentLib.review.local_backend import LocalBackend
 from SSLSegmentLib.review.requirements import missing_requirements
 from SSLSegmentLib.review.session import (
     ReviewSession,
@@ -133,30 +130,15 @@ def test_session_refuses_steps_out_of_order(tmp_path):
 # ---- against a real backend ---------------------------------------------------------------------------------
 
 
-BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "SSLSegment" / "Resources" / "Models" / "phantom-tiny.pt"
 
 
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory, tiny_dataset):
-    """serve + worker on a datastore set up the way the module's self-test sets one up: phantoms imported with
-    `sslsegment import-datastore --model` and the model the extension bundles as the first version."""
-    import json
-
-    from training.cli import main as sslsegment
-    from training.datastore import Datastore
-
-    root = tmp_path_factory.mktemp("review") / "store"
-    # 2 labeled train cases + labeled val; the other 6 train cases are left to review.
-    assert sslsegment(["import-datastore", str(tiny_dataset), "--datastore", str(root), "--labels", "train:2",
-                       "--model", str(BUNDLED_MODEL), "--train-defaults", json.dumps(TRAIN)]) == 0
-    store = Datastore(root)
-    store.update_settings({"score_passes": 2})
-    store.close()
-    local = LocalBackend(root, python=sys.executable, log_dir=root.parent / "logs",
-                         worker_args=["--threads", "1", "--poll", "0.2", "--heartbeat", "0.5"])
-    local.start().wait_until_ready(timeout=180)
-    yield local
-    local.stop()
+    """serve + worker on a datastore set up the way the module's self-test sets one up (the other 6 train cases are
+    left to review)."""
+    with bundled_model_backend(tmp_path_factory.mktemp("review"), tiny_dataset, TRAIN, poll=0.2,
+                               heartbeat=0.5) as local:
+        yield local
 
 
 @pytest.fixture(scope="module")

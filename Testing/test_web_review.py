@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TINY_NET, TINY_PATCH
+from conftest import TINY_NET, TINY_PATCH, bundled_model_backend
 from SSLSegmentLib.data.imageio import read_label, read_volume
 from SSLSegmentLib.review import defaults
 from SSLSegmentLib.review.client import SSLSegmentClient
-from SSLSegmentLib.review.local_backend import LocalBackend, free_port
+from SSLSegmentLib.review.local_backend import free_port
 from SSLSegmentLib.review.session import ReviewSession, SessionState
 from SSLSegmentLib.web.access import (
     COOKIE_NAME,
@@ -40,7 +40,6 @@ from SSLSegmentLib.web.access import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-BUNDLED_MODEL = REPO / "SSLSegment" / "Resources" / "Models" / "phantom-tiny.pt"
 CHROMIUM = "/usr/bin/chromium"
 # What runs headless Chromium in a container without a GPU (docs/web.md, "Testing").
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -97,20 +96,8 @@ def test_run_and_display_options_are_checked_before_anything_is_sent():
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory, tiny_dataset):
     """serve + worker on phantoms with the bundled model as v0001 (two labeled train cases; six to review)."""
-    from training.cli import main as sslsegment
-    from training.datastore import Datastore
-
-    root = tmp_path_factory.mktemp("web") / "store"
-    assert sslsegment(["import-datastore", str(tiny_dataset), "--datastore", str(root), "--labels", "train:2",
-                       "--model", str(BUNDLED_MODEL), "--train-defaults", json.dumps(TRAIN)]) == 0
-    store = Datastore(root)
-    store.update_settings({"score_passes": 2})
-    store.close()
-    local = LocalBackend(root, python=sys.executable, log_dir=root.parent / "logs",
-                         worker_args=["--threads", "1", "--poll", "0.5", "--heartbeat", "1"])
-    local.start().wait_until_ready(timeout=180)
-    yield local
-    local.stop()
+    with bundled_model_backend(tmp_path_factory.mktemp("web"), tiny_dataset, TRAIN) as local:
+        yield local
 
 
 def _threshold_with_regions(client: SSLSegmentClient, case_id: str, folder: Path, n: int = 2) -> float:
