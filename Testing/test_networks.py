@@ -14,7 +14,7 @@ from torch import nn
 from conftest import TINY_NET
 from SSLSegmentLib.ml.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, model_from_checkpoint, save_checkpoint
 from SSLSegmentLib.ml.inference import predict_volume
-from SSLSegmentLib.ml.networks import NetworkConfig, build_network
+from SSLSegmentLib.ml.networks import NetworkConfig, build_network, inference_copy
 from SSLSegmentLib.ml.uncertainty import HeadMCDropoutEstimator, MCDropoutEstimator
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -125,3 +125,35 @@ def test_the_benchmark_network_option_is_checked_and_applied():
         with_network_options(config, {"top_res_unit": "maybe"})
     with pytest.raises(ValueError, match="KEY=VALUE"):
         network_options(argparse.Namespace(network=["features"]))
+
+
+def _prelu_slopes(net: nn.Module) -> None:
+    """Distinct PReLU slopes, so an activation dropped or applied twice would show."""
+    with torch.no_grad():
+        for i, m in enumerate(m for m in net.modules() if isinstance(m, nn.PReLU)):
+            m.weight.fill_(0.05 + 0.03 * i)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"top_res_unit": True}, {"arch": "vnet", "features": 4}],
+                         ids=["default", "top-unit", "vnet"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_inference_copy_computes_the_same_function_and_leaves_the_network_alone(overrides, channels_last):
+    net = _net(**overrides)
+    _prelu_slopes(net)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    shape = (1, 1, 16, 16, 32) if overrides.get("arch") == "vnet" else (1, 1, 8, 16, 24)
+    x = torch.from_numpy(np.random.default_rng(3).standard_normal(shape).astype(np.float32))
+    with torch.inference_mode():
+        ref = net(x)["logits"]
+        fast = inference_copy(net, channels_last)
+        got = fast(x.contiguous(memory_format=torch.channels_last_3d) if channels_last else x)["logits"]
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+    if overrides.get("arch") != "vnet":  # MONAI UNet blocks: the norms are folded away
+        assert not any(isinstance(m, nn.BatchNorm3d) for m in fast.modules())
+        assert any(isinstance(m, nn.BatchNorm3d) for m in net.modules())
+    # The original keeps its weights and layout and still trains (the copy was made outside inference mode).
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]) and v.is_contiguous(), k
+    net.train()
+    net(x)["logits"].sum().backward()
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)

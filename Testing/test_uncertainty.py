@@ -174,6 +174,43 @@ def test_head_mc_volume_equals_full_mc_volume_across_sliding_windows():
         np.testing.assert_allclose(getattr(whole_full, kind), getattr(whole_head, kind), atol=1e-5)
 
 
+@torch.inference_mode()
+def test_head_mc_layout_settings_give_the_same_statistics():
+    """The trunk's memory format and the voxel blocks of the folded passes are speed settings, not results."""
+    net = _net()
+    x = _window()
+    runs = {}
+    for label, kwargs in {"contiguous_whole": dict(channels_last=False, voxel_block=None),
+                          "channels_last_blocks": dict(channels_last=True, voxel_block=100),  # 100 ∤ the voxels
+                          "device_defaults": {}}.items():
+        est = HeadMCDropoutEstimator(net, passes=4, seed=11, **kwargs)
+        with est.activate():
+            runs[label] = est(x)
+    ref = runs["contiguous_whole"]
+    assert ref.shape == (2, 5, *WINDOW) and ref.is_contiguous()
+    for label, got in runs.items():
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4, msg=label)
+    with pytest.raises(ValueError, match="voxel_block"):
+        HeadMCDropoutEstimator(net, voxel_block=0)
+    with pytest.raises(ValueError, match="channels_last"):
+        HeadMCDropoutEstimator(net, channels_last="yes")
+    with pytest.raises(RuntimeError, match="activate"):
+        HeadMCDropoutEstimator(net)(x)
+
+
+def test_a_map_leaves_the_model_as_it_was_and_trainable():
+    """The map runs on an inference copy: the caller's network (a trainer's student, say) keeps its parameters,
+    their layout, and can still be trained after predict_volume's inference mode."""
+    net = _net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    predict_volume(net, _image(), WINDOW, passes=4, device="cpu", estimator="head_mc")
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]) and v.is_contiguous() and not v.is_inference(), k
+    net.train()
+    net(torch.from_numpy(_image())[None, None])["logits"].sum().backward()
+    assert all(p.grad is not None for p in net.parameters())
+
+
 # -- what the maps mean --------------------------------------------------------------------------------------------
 @torch.inference_mode()
 def test_maps_are_the_documented_functions_of_the_samples():

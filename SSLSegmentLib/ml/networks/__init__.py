@@ -170,6 +170,55 @@ class SegNet(nn.Module):
         return self.config.dropout_placement == "head" and self.config.dropout > 0
 
 
+class _InplacePReLU(nn.Module):
+    """PReLU with one slope a, applied in place: max(0, x) + a·min(0, x) is leaky_relu(x, a). Eval only, and only
+    where its input is a block's own fresh output (see `inference_copy`)."""
+
+    def __init__(self, slope: float):
+        super().__init__()
+        self.slope = float(slope)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.leaky_relu_(x, self.slope)
+
+
+def inference_copy(net: nn.Module, channels_last: bool = False) -> nn.Module:
+    """An eval-only copy of `net` that computes the same function with less memory traffic; `net` is left as it is.
+
+    In every MONAI `Convolution` block whose norm comes first (ordering "N…"), an eval BatchNorm is folded into the
+    convolution (or transposed convolution) before it, and a one-slope PReLU runs in place on the block's output; at
+    full resolution these two layers cost as much as a convolution. channels_last: weights in channels_last_3d (give
+    the input in that format too; on a CPU the full-resolution transposed convolution is several times faster, see
+    benchmarks/results/training-speed.md). The copy is made outside inference mode, so it can be called from inside
+    it; it is for inference only (its norms no longer exist to train).
+    """
+    import copy
+
+    from monai.networks.blocks import Convolution
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    with torch.inference_mode(False), torch.no_grad():
+        out = copy.deepcopy(net).eval()
+        for block in out.modules():
+            adn = getattr(block, "adn", None)
+            if not isinstance(block, Convolution) or adn is None:
+                continue
+            order = list(adn._modules)
+            bn = adn._modules.get("N")
+            if order[:1] == ["N"] and isinstance(bn, nn.BatchNorm3d) and bn.track_running_stats:
+                conv = block.conv
+                block.conv = fuse_conv_bn_eval(conv, bn, transpose=isinstance(conv, nn.ConvTranspose3d))
+                adn.N = nn.Identity()
+            act = adn._modules.get("A")
+            if isinstance(act, nn.PReLU) and act.num_parameters == 1:
+                adn.A = _InplacePReLU(float(act.weight))
+        if channels_last:
+            out = out.to(memory_format=torch.channels_last_3d)
+        for p in out.parameters():
+            p.requires_grad_(False)
+    return out
+
+
 def build_network(config: NetworkConfig | dict | None = None, **overrides) -> SegNet:
     if config is None:
         config = NetworkConfig(**overrides)
@@ -180,4 +229,4 @@ def build_network(config: NetworkConfig | dict | None = None, **overrides) -> Se
     return SegNet(config)
 
 
-__all__ = ["NetworkConfig", "SegNet", "build_network", "DROPOUT_PLACEMENTS"]
+__all__ = ["NetworkConfig", "SegNet", "build_network", "inference_copy", "DROPOUT_PLACEMENTS"]

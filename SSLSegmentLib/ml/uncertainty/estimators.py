@@ -49,6 +49,14 @@ DEFAULT_PASS_BATCH: dict[str, int | None] = {"cpu": 1, "cuda": None}
 # add memory (benchmarks/results/uncertainty.md, docs/uncertainty.md "Speed and memory").
 DEFAULT_WINDOW_BATCH: dict[str, int] = {"cpu": 1, "cuda": 4}
 
+# The trunk's memory format under head MC, per device type. On a CPU the default network's full-resolution layers (its
+# top transposed convolution above all) run several times faster in channels_last_3d, and the folded head then reads
+# a voxel's features as one row (benchmarks/results/training-speed.md, the map rows). Not measured on a GPU: off there.
+DEFAULT_CHANNELS_LAST: dict[str, bool] = {"cpu": True, "cuda": False}
+# Voxels per block of head MC's folded two-class passes: a block's T passes are one small product whose statistics
+# stay in cache on a CPU; None = the whole window in one product (GPU).
+DEFAULT_VOXEL_BLOCK: dict[str, int | None] = {"cpu": 32768, "cuda": None}
+
 _DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 _CHANNEL_DROPOUT_TYPES = (nn.Dropout3d,)
 _FLIP_ORDER = ((), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2))
@@ -186,9 +194,7 @@ class PassStatistics:
 
     def add_difference(self, d: torch.Tensor) -> None:
         """d: (N, B, 1, ...) logit differences l₁ − l₀ of N two-class passes."""
-        d = d.float()
-        p1 = torch.sigmoid(d)
-        h = torch.nn.functional.softplus(d).addcmul_(d, p1, value=-1.0)
+        p1, h = binary_pass_terms(d.float())
         if d.shape[0] == 1:  # one pass: no reduction, and in-place sums (this runs T times per window)
             p1, h = p1[0], h[0]
             if self.sums is None:
@@ -230,14 +236,26 @@ class PassStatistics:
             torch.mul(sum_h, scale, out=out[:, c : c + 1])
             torch.mul(sum_p2, scale, out=out[:, c + 1 :])
             return out
-        # p₀ = 1 − p₁, so E[p₀] = 1 − E[p₁] and E[p₀²] = 1 − 2E[p₁] + E[p₁²].
-        mean_p, mean_h, mean_p2 = out[:, 1:2], out[:, 2:3], out[:, 4:5]
-        torch.mul(sum_p, scale, out=mean_p)
-        torch.mul(sum_h, scale, out=mean_h)
-        torch.mul(sum_p2, scale, out=mean_p2)
-        torch.neg(mean_p, out=out[:, 0:1]).add_(1.0)
-        torch.add(mean_p2, mean_p, alpha=-2.0, out=out[:, 3:4]).add_(1.0)
-        return out
+        torch.mul(sum_p, scale, out=out[:, 1:2])
+        torch.mul(sum_h, scale, out=out[:, 2:3])
+        torch.mul(sum_p2, scale, out=out[:, 4:5])
+        return complete_binary_means(out)
+
+
+def binary_pass_terms(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """p₁ = σ(d) and the pass's entropy H = softplus(d) − d·σ(d) (nats) from logit differences d = l₁ − l₀ (any
+    shape): the one place the two-class per-pass formula lives."""
+    p1 = torch.sigmoid(d)
+    return p1, torch.nn.functional.softplus(d).addcmul_(d, p1, value=-1.0)
+
+
+def complete_binary_means(out: torch.Tensor) -> torch.Tensor:
+    """Two-class statistics (B, 5, ...) with E[p₁], E[H], E[p₁²] in channels 1, 2, 4: fill in channels 0 and 3 in
+    place (p₀ = 1 − p₁, so E[p₀] = 1 − E[p₁] and E[p₀²] = 1 − 2E[p₁] + E[p₁²]) and return `out`."""
+    mean_p, mean_p2 = out[:, 1:2], out[:, 4:5]
+    torch.neg(mean_p, out=out[:, 0:1]).add_(1.0)
+    torch.add(mean_p2, mean_p, alpha=-2.0, out=out[:, 3:4]).add_(1.0)
+    return out
 
 
 def split_statistics(stats: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -371,8 +389,9 @@ class _SeededDropoutMixin:
     _current_mask: torch.Tensor | None = None
     masks: HeadDropoutMasks | None = None
 
-    def _install_head_masks(self, stack: contextlib.ExitStack) -> None:
-        head = head_dropout_of(self.model)
+    def _install_head_masks(self, stack: contextlib.ExitStack, net: nn.Module | None = None) -> None:
+        """Masks for the head dropout of `net` (default: the estimator's model), applied by a forward hook."""
+        head = head_dropout_of(self.model if net is None else net)
         self.masks = None
         if head is None:
             return
@@ -466,20 +485,35 @@ class HeadMCDropoutEstimator(_SeededDropoutMixin, UncertaintyEstimator):
     is one matrix product with the mask folded into the weights: logits[t] = (W·diag(m_t)) f + b (a batch of passes is
     one product with stacked weights; two classes need only the logit difference). Other heads run `net.head` with the
     same explicit masks. Either way the samples equal full MC dropout's for the same seed.
+
+    Two classes (the fast path): all T passes of a block of `voxel_block` voxels are one product
+    (B, T, F) × (B, F, n) → (B, T, n) whose means over T go straight into the output; no pass is ever volume-sized.
+    The trunk runs on `inference_copy(model, channels_last)` (the caller's model is left as it is); channels_last
+    also keeps the features of a voxel contiguous; None / "auto" take the device type's defaults (DEFAULT_CHANNELS_LAST,
+    DEFAULT_VOXEL_BLOCK; voxel_block None = the whole window).
     """
 
     name = "head_mc"
 
     def __init__(self, model: nn.Module, passes: int = 8, seed: int = 0, pass_batch: int | None = 1, fold: bool = True,
-                 balanced_masks: bool = True):
+                 balanced_masks: bool = True, channels_last: bool | None = None,
+                 voxel_block: int | None | str = "auto"):
         super().__init__(passes, seed, pass_batch)
         self.balanced_masks = balanced_masks
         if not has_head_only_dropout(model):
             raise ValueError(
                 "head MC dropout needs dropout confined to the segmentation head (dropout_placement='head', dropout > 0)"
             )
+        if channels_last not in (None, True, False):
+            raise ValueError(f"channels_last must be True, False or None (the device's default), got {channels_last!r}")
+        if not (voxel_block in ("auto", None) or (isinstance(voxel_block, int) and voxel_block >= 1)):
+            raise ValueError(f"voxel_block must be 'auto', None (whole window) or an integer >= 1, got {voxel_block!r}")
         self.model = model
         self.fold = fold and self._foldable()
+        self.channels_last, self.voxel_block = channels_last, voxel_block
+        self._net: nn.Module | None = None
+        self._memory_format = torch.contiguous_format
+        self._block: int | None = None
 
     @property
     def models(self) -> list[nn.Module]:
@@ -500,13 +534,35 @@ class HeadMCDropoutEstimator(_SeededDropoutMixin, UncertaintyEstimator):
         )
 
     def _setup(self, stack):
+        from SSLSegmentLib.ml.networks import inference_copy
+
         net = unwrap(self.model)
         net.eval()
-        self._install_head_masks(stack)
+        kind = _model_device(net).type
+        channels_last = DEFAULT_CHANNELS_LAST.get(kind, False) if self.channels_last is None else self.channels_last
+        self._block = DEFAULT_VOXEL_BLOCK.get(kind) if self.voxel_block == "auto" else self.voxel_block
+        # The trunk runs on an inference copy (norms folded, channels_last where it pays): the caller's model may be
+        # training elsewhere, and converting it in place under inference mode would leave it untrainable.
+        net = inference_copy(net, channels_last)
+        self._net = net
+        self._memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
+        stack.callback(self._release)
+        self._install_head_masks(stack, net)
         if self.masks is None:  # a head dropout we cannot mask explicitly: let it sample, seeded
             for m in dropout_modules(net):
                 m.train()
             self._seed_global_stream(stack, _model_device(net))
+
+    def _release(self) -> None:
+        self._net = None
+
+    def _trunk(self, window: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
+        """(the network the passes run on, the trunk's features of `window`)."""
+        if self._net is None:
+            raise RuntimeError("head MC runs inside `with estimator.activate():`")
+        if window.dim() == 5:
+            window = window.contiguous(memory_format=self._memory_format)
+        return self._net, self._net.features(window)
 
     def _folded_weights(self, net) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(C, F) weight and (C,) bias of the 1×1 conv; for two classes the difference row w₁ − w₀ (1, F), b₁ − b₀."""
@@ -540,23 +596,38 @@ class HeadMCDropoutEstimator(_SeededDropoutMixin, UncertaintyEstimator):
                 out = torch.cat([torch.zeros_like(out), out], dim=2)
             yield out
 
+    def _binary_statistics(self, net, features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """features (B, F, ...), masks (T, B, F) → the two-class statistics (B, 5, ...) of the T folded passes."""
+        weight, bias = self._folded_weights(net)  # (1, F), (1,)
+        b = features.shape[0]
+        flat = features.flatten(2)  # (B, F, V): a view in either memory format
+        folded = (masks.transpose(0, 1) * weight[0]).to(flat.dtype)  # (B, T, F)
+        out = torch.empty((b, 5, *features.shape[2:]), dtype=torch.float32, device=features.device)
+        means = out.flatten(2)
+        voxels = flat.shape[2]
+        step = voxels if self._block is None else self._block
+        for s in range(0, voxels, step):
+            e = min(s + step, voxels)
+            d = torch.bmm(folded, flat[:, :, s:e]).float()  # (B, T, n): pass t's logit differences
+            if bias is not None:
+                d.add_(bias.float())
+            p1, h = binary_pass_terms(d)
+            torch.mean(p1, 1, out=means[:, 1, s:e])
+            torch.mean(h, 1, out=means[:, 2, s:e])
+            torch.mean(p1.mul_(p1), 1, out=means[:, 4, s:e])
+        return complete_binary_means(out)
+
     def __call__(self, window: torch.Tensor) -> torch.Tensor:
-        net = unwrap(self.model)
-        if not (self.fold and net.seg_head.out_channels == 2):
+        if not (self.fold and unwrap(self.model).seg_head.out_channels == 2):
             return super().__call__(window)
-        # Two classes: sum the statistics straight from the folded logit differences.
-        stats = PassStatistics()
-        features = net.features(window)
+        net, features = self._trunk(window)
         masks = self.masks.windows(self.window_index, window.shape[0], self.passes, window.device)
-        for d in self._folded_products(net, features, masks):
-            stats.add_difference(d)
         self.window_index += window.shape[0]
-        return stats.result()
+        return self._binary_statistics(net, features, masks)
 
     def pass_logits(self, window):
-        net = unwrap(self.model)
         b = window.shape[0]
-        features = net.features(window)
+        net, features = self._trunk(window)
         masks = self.masks.windows(self.window_index, b, self.passes, window.device) if self.masks else None
         if self.fold:
             yield from self._folded_logits(net, features, masks)
