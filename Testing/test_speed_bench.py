@@ -14,12 +14,13 @@ def test_quick_run_writes_the_ratios_and_a_row_per_variant(tmp_path, one_torch_t
     result = json.loads((tmp_path / "training-speed.json").read_text())
     methods = set(available_methods())
     assert set(result["step_vs_floor"]) == methods
-    ratios = [result["network_vs_bare"], result["map_vs_bare_forward"], result["map_vs_bare_sliding"],
+    ratios = [result["network_vs_bare"], result["map_vs_bare_forward"], result["map_vs_bare_fast_forward"],
+              result["map_vs_bare_sliding"],
               result["map_vs_network_forward"], *result["step_vs_floor"].values()]
     assert all(isinstance(r, float) and math.isfinite(r) and r > 0 for r in ratios)
     rows = result["rows"]
     for name in ("bare-unet", "segnet", "map:predict_volume", "map:predict_volume-patch", "map:bare-forward",
-                 "map:bare-whole-volume", "map:segnet-whole-volume", *(f"step:{m}" for m in methods),
+                 "map:bare-whole-volume", "map:bare-whole-volume-fast", "map:segnet-whole-volume", *(f"step:{m}" for m in methods),
                  *(f"floor:{m}" for m in methods)):
         assert rows[name]["ms"] > 0 and len(rows[name]["ms_rounds"]) >= 1
     # The candidates beside the default network: the former default with the top residual unit, fewer features, and
@@ -32,7 +33,8 @@ def test_quick_run_writes_the_ratios_and_a_row_per_variant(tmp_path, one_torch_t
     assert "network_vs_bare" in md and "step_vs_floor" in md and "Load average" in md
     # The map's bound is against the bare UNet's whole-volume forward; the sliding-window ratio has its own key.
     ms = {n: r["ms"] for n, r in rows.items()}
-    for key, row in (("map_vs_bare_forward", "map:bare-whole-volume"), ("map_vs_bare_sliding", "map:bare-forward")):
+    for key, row in (("map_vs_bare_forward", "map:bare-whole-volume"), ("map_vs_bare_sliding", "map:bare-forward"),
+                     ("map_vs_bare_fast_forward", "map:bare-whole-volume-fast")):
         assert math.isclose(result[key], ms["map:predict_volume"] / ms[row], rel_tol=1e-2, abs_tol=2e-3)
     assert "map_vs_bare_sliding" in md and "whole-volume forward" in md
 

@@ -18,6 +18,7 @@ from SSLSegmentLib.ml.uncertainty import (
     HeadDropoutMasks,
     HeadMCDropoutEstimator,
     MCDropoutEstimator,
+    PlainEstimator,
     resolve_estimator,
 )
 
@@ -196,14 +197,21 @@ def test_head_mc_layout_settings_give_the_same_statistics():
         HeadMCDropoutEstimator(net, channels_last="yes")
     with pytest.raises(RuntimeError, match="activate"):
         HeadMCDropoutEstimator(net)(x)
+    plain = {}
+    for channels_last in (False, True):
+        est = PlainEstimator(net, channels_last=channels_last)
+        with est.activate():
+            plain[channels_last] = est(x)
+    torch.testing.assert_close(plain[True], plain[False], atol=1e-5, rtol=1e-4)
 
 
-def test_a_map_leaves_the_model_as_it_was_and_trainable():
+@pytest.mark.parametrize("estimator", ["head_mc", "plain"])
+def test_a_map_leaves_the_model_as_it_was_and_trainable(estimator):
     """The map runs on an inference copy: the caller's network (a trainer's student, say) keeps its parameters,
     their layout, and can still be trained after predict_volume's inference mode."""
     net = _net()
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    predict_volume(net, _image(), WINDOW, passes=4, device="cpu", estimator="head_mc")
+    predict_volume(net, _image(), WINDOW, passes=4, device="cpu", estimator=estimator)
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k]) and v.is_contiguous() and not v.is_inference(), k
     net.train()

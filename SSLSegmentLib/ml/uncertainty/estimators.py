@@ -363,21 +363,66 @@ class UncertaintyEstimator:
         return out
 
 
-class PlainEstimator(UncertaintyEstimator):
+class _InferenceCopyMixin:
+    """Deterministic passes run on `inference_copy(model)` in the device type's memory format, made at activation.
+
+    A copy, not the model: the caller's network may be training elsewhere, and converting its parameters in place
+    under inference mode would leave them untrainable. channels_last None = DEFAULT_CHANNELS_LAST of the device.
+    """
+
+    model: nn.Module
+    channels_last: bool | None = None
+    _net: nn.Module | None = None
+    _memory_format = torch.contiguous_format
+
+    @staticmethod
+    def _check_channels_last(channels_last) -> None:
+        if channels_last not in (None, True, False):
+            raise ValueError(f"channels_last must be True, False or None (the device's default), got {channels_last!r}")
+
+    def _copy_for_inference(self, stack: contextlib.ExitStack) -> nn.Module:
+        from SSLSegmentLib.ml.networks import inference_copy
+
+        net = unwrap(self.model)
+        kind = _model_device(net).type
+        channels_last = DEFAULT_CHANNELS_LAST.get(kind, False) if self.channels_last is None else self.channels_last
+        self._net = inference_copy(net, channels_last)
+        self._memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
+        stack.callback(self._release)
+        return self._net
+
+    def _release(self) -> None:
+        self._net = None
+
+    def _run_net(self) -> nn.Module:
+        if self._net is None:
+            raise RuntimeError(f"the {type(self).__name__} runs inside `with estimator.activate():`")
+        return self._net
+
+    def _as_input(self, window: torch.Tensor) -> torch.Tensor:
+        return window.contiguous(memory_format=self._memory_format) if window.dim() == 5 else window
+
+
+class PlainEstimator(_InferenceCopyMixin, UncertaintyEstimator):
     """One deterministic pass in eval mode: entropy of the softmax only, no epistemic part."""
 
     name = "plain"
 
-    def __init__(self, model: nn.Module, seed: int = 0):
+    def __init__(self, model: nn.Module, seed: int = 0, channels_last: bool | None = None):
         super().__init__(1, seed, 1)
-        self.model = model
+        self._check_channels_last(channels_last)
+        self.model, self.channels_last = model, channels_last
 
     @property
     def models(self) -> list[nn.Module]:
         return [self.model]
 
+    def _setup(self, stack):
+        super()._setup(stack)
+        self._copy_for_inference(stack)
+
     def pass_logits(self, window):
-        yield logits_of(self.model(window)).unsqueeze(0)
+        yield logits_of(self._run_net()(self._as_input(window))).unsqueeze(0)
 
 
 class _SeededDropoutMixin:
@@ -478,7 +523,7 @@ class MCDropoutEstimator(_SeededDropoutMixin, UncertaintyEstimator):
             yield logits.view(n, b, *logits.shape[1:])
 
 
-class HeadMCDropoutEstimator(_SeededDropoutMixin, UncertaintyEstimator):
+class HeadMCDropoutEstimator(_InferenceCopyMixin, _SeededDropoutMixin, UncertaintyEstimator):
     """Head MC dropout: trunk once per window, the stochastic head T times.
 
     For SegNet's Dropout3d → 1×1-conv head, dropping feature channel f scales column f of the conv weight, so a pass
@@ -488,8 +533,8 @@ class HeadMCDropoutEstimator(_SeededDropoutMixin, UncertaintyEstimator):
 
     Two classes (the fast path): all T passes of a block of `voxel_block` voxels are one product
     (B, T, F) × (B, F, n) → (B, T, n) whose means over T go straight into the output; no pass is ever volume-sized.
-    The trunk runs on `inference_copy(model, channels_last)` (the caller's model is left as it is); channels_last
-    also keeps the features of a voxel contiguous; None / "auto" take the device type's defaults (DEFAULT_CHANNELS_LAST,
+    The trunk runs on an inference copy (see _InferenceCopyMixin); in channels_last_3d the features of a voxel are
+    contiguous too; None / "auto" take the device type's defaults (DEFAULT_CHANNELS_LAST,
     DEFAULT_VOXEL_BLOCK; voxel_block None = the whole window).
     """
 
@@ -504,15 +549,12 @@ class HeadMCDropoutEstimator(_SeededDropoutMixin, UncertaintyEstimator):
             raise ValueError(
                 "head MC dropout needs dropout confined to the segmentation head (dropout_placement='head', dropout > 0)"
             )
-        if channels_last not in (None, True, False):
-            raise ValueError(f"channels_last must be True, False or None (the device's default), got {channels_last!r}")
+        self._check_channels_last(channels_last)
         if not (voxel_block in ("auto", None) or (isinstance(voxel_block, int) and voxel_block >= 1)):
             raise ValueError(f"voxel_block must be 'auto', None (whole window) or an integer >= 1, got {voxel_block!r}")
         self.model = model
         self.fold = fold and self._foldable()
         self.channels_last, self.voxel_block = channels_last, voxel_block
-        self._net: nn.Module | None = None
-        self._memory_format = torch.contiguous_format
         self._block: int | None = None
 
     @property
@@ -534,35 +576,20 @@ class HeadMCDropoutEstimator(_SeededDropoutMixin, UncertaintyEstimator):
         )
 
     def _setup(self, stack):
-        from SSLSegmentLib.ml.networks import inference_copy
-
-        net = unwrap(self.model)
-        net.eval()
-        kind = _model_device(net).type
-        channels_last = DEFAULT_CHANNELS_LAST.get(kind, False) if self.channels_last is None else self.channels_last
+        unwrap(self.model).eval()
+        kind = _model_device(unwrap(self.model)).type
         self._block = DEFAULT_VOXEL_BLOCK.get(kind) if self.voxel_block == "auto" else self.voxel_block
-        # The trunk runs on an inference copy (norms folded, channels_last where it pays): the caller's model may be
-        # training elsewhere, and converting it in place under inference mode would leave it untrainable.
-        net = inference_copy(net, channels_last)
-        self._net = net
-        self._memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
-        stack.callback(self._release)
+        net = self._copy_for_inference(stack)
         self._install_head_masks(stack, net)
         if self.masks is None:  # a head dropout we cannot mask explicitly: let it sample, seeded
             for m in dropout_modules(net):
                 m.train()
             self._seed_global_stream(stack, _model_device(net))
 
-    def _release(self) -> None:
-        self._net = None
-
     def _trunk(self, window: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
         """(the network the passes run on, the trunk's features of `window`)."""
-        if self._net is None:
-            raise RuntimeError("head MC runs inside `with estimator.activate():`")
-        if window.dim() == 5:
-            window = window.contiguous(memory_format=self._memory_format)
-        return self._net, self._net.features(window)
+        net = self._run_net()
+        return net, net.features(self._as_input(window))
 
     def _folded_weights(self, net) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(C, F) weight and (C,) bias of the 1×1 conv; for two classes the difference row w₁ − w₀ (1, F), b₁ − b₀."""
