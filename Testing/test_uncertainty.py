@@ -203,6 +203,11 @@ def test_head_mc_layout_settings_give_the_same_statistics():
         with est.activate():
             plain[channels_last] = est(x)
     torch.testing.assert_close(plain[True], plain[False], atol=1e-5, rtol=1e-4)
+    # The same setting through predict_volume, over overlapping windows.
+    image = _image((16, 24, 40))
+    a, b = (predict_volume(net, image, WINDOW, passes=4, device="cpu", roi=WINDOW, channels_last=cl) for cl in (True, False))
+    for kind in ("probabilities", "entropy", "mutual_information", "variance"):
+        np.testing.assert_allclose(getattr(a, kind), getattr(b, kind), atol=1e-5)
 
 
 @pytest.mark.parametrize("estimator", ["head_mc", "plain"])

@@ -18,10 +18,11 @@ def _raw(plain: float, head: float, whole: float, whole_head: float) -> dict:
         "head_mc": row([head, head * 1.1], name="head_mc"),
         "mc_dropout_sequential": row([plain * 8]),
         "mc_dropout_batched": row([plain * 11]),
-        "head_mc_sequential": row([head]),
-        "head_mc_batched": row([head * 1.2]),
+        "plain_contiguous": row([plain * 1.5]),
+        "head_mc_contiguous": row([head * 1.6], name="head_mc"),
         "plain_whole_volume": row([whole]),
         "head_mc_whole_volume": row([whole_head], name="head_mc"),
+        "head_mc_whole_volume_contiguous": row([whole_head * 2], name="head_mc"),
     }
 
 
@@ -33,6 +34,7 @@ def test_ratios_use_the_best_run_and_the_matching_plain_row():
     assert rows["mc_dropout_sequential"]["x_plain"] == pytest.approx(8.0)
     assert rows["head_mc_whole_volume"]["x_plain"] == pytest.approx(1.2)  # against the whole-volume plain row
     assert s["head_mc_over_plain_whole_volume"] == pytest.approx(1.2)
+    assert rows["head_mc_whole_volume_contiguous"]["x_plain"] == pytest.approx(2.4)  # whole-volume rows: whole plain
 
 
 def test_gpu_run_merges_into_the_committed_table(tmp_path):
@@ -54,3 +56,5 @@ def test_gpu_run_merges_into_the_committed_table(tmp_path):
     assert "Some GPU" in md and "| GPU s |" in md and "GPU column: not measured" not in md
     assert json.loads(out.read_text())["gpu"]["speed"]["head_mc_over_plain"] == pytest.approx(1.05)
     assert "1.10×** on the CPU" in md and "1.05×** on the GPU" in md
+    # The layout comparison names both windows' numbers (contiguous against channels_last_3d).
+    assert "3.52 s contiguous against 2.20 s" in md and "1.20 s contiguous against 0.60 s" in md

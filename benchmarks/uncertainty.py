@@ -39,13 +39,15 @@ PASSES = 8
 
 
 
-def _case(name, estimator, pass_batch=1, sw="auto", amp=None, window="patch", repeats=0, threads=None):
+def _case(name, estimator, pass_batch=1, sw="auto", amp=None, window="patch", repeats=0, threads=None,
+          channels_last=None):
     """One speed row. window: "patch" = windows of the training patch, "volume" = the whole volume as one window (what
     the product's default, roi="auto", takes for this volume). sw "auto" and amp None = the product's defaults
     (windows per batch: 1 on a CPU, 4 on CUDA; float32). repeats: timed runs on a CPU after the
-    first (the first run is timed too; for the long rows it is the only one)."""
+    first (the first run is timed too; for the long rows it is the only one). channels_last None = the device's
+    default layout of the inference copy (channels_last_3d on a CPU)."""
     return {"name": name, "estimator": estimator, "pass_batch": pass_batch, "sw": sw, "amp": amp, "window": window,
-            "repeats": repeats, "threads": threads}
+            "repeats": repeats, "threads": threads, "channels_last": channels_last}
 
 
 SPEED_CASES = [
@@ -55,10 +57,12 @@ SPEED_CASES = [
     _case("mc_dropout_batched", "mc_dropout", None),
     _case("flips_sequential", "flips", 1),
     _case("ensemble_3", "ensemble"),
-    _case("head_mc_sequential", "head_mc", 1),
-    _case("head_mc_batched", "head_mc", None),
+    _case("plain_contiguous", "plain", channels_last=False, repeats=1),
+    _case("head_mc_contiguous", "head_mc", "auto", channels_last=False, repeats=1),
     _case("plain_whole_volume", "plain", window="volume", repeats=3),
     _case("head_mc_whole_volume", "head_mc", "auto", window="volume", repeats=3),
+    _case("plain_whole_volume_contiguous", "plain", window="volume", channels_last=False, repeats=1),
+    _case("head_mc_whole_volume_contiguous", "head_mc", "auto", window="volume", channels_last=False, repeats=1),
     _case("mc_dropout_sequential_whole_volume", "mc_dropout", 1, window="volume"),
     _case("mc_dropout_batched_whole_volume", "mc_dropout", None, window="volume"),
 ]
@@ -193,6 +197,8 @@ def _kwargs(case: dict, device: str) -> dict:
           "roi": "patch"}
     if case["amp"] is not None:
         kw["amp"] = case["amp"]
+    if case.get("channels_last") is not None:
+        kw["channels_last"] = case["channels_last"]
     return kw
 
 
@@ -337,7 +343,7 @@ def _summarise_speed(raw: dict) -> dict:
     whole_cpu = min(raw["plain_whole_volume"]["cpu_s"]) if "plain_whole_volume" in raw else None
     for name, r in raw.items():
         best = min(r["wall_s"])
-        in_whole = name.endswith("_whole_volume") and whole
+        in_whole = "_whole_volume" in name and whole
         ref = whole if in_whole else plain
         ref_cpu = whole_cpu if in_whole else plain_cpu
         rows[name] = {
@@ -443,6 +449,10 @@ SPEED_LABELS = {
     "head_mc": "**head MC dropout, T=8** (device default arrangement)",
     "head_mc_sequential": "head MC dropout, T=8, one head at a time",
     "head_mc_batched": "head MC dropout, T=8, all heads in one product",
+    "plain_contiguous": "plain, contiguous layout (channels_last=False)",
+    "head_mc_contiguous": "head MC, T=8, contiguous layout (channels_last=False)",
+    "plain_whole_volume_contiguous": "whole volume as one window: plain, contiguous layout",
+    "head_mc_whole_volume_contiguous": "whole volume as one window: head MC, T=8, contiguous layout",
     "mc_dropout_sequential": "full MC dropout, T=8, sequential",
     "mc_dropout_batched": "full MC dropout, T=8, batched",
     "flips_sequential": "test-time flips, 8, sequential",
@@ -600,11 +610,17 @@ def conclusion(res: dict) -> str:
         parts.append("Only the sampling estimators give an epistemic map; mutual-information AUROC: "
                      + ", ".join(f"{k} {v:.4f}" for k, v in sorted(mi.items(), key=lambda kv: -kv[1])) + ".")
     seq, bat = rows["mc_dropout_sequential"], rows["mc_dropout_batched"]
-    parts.append(f"Passes on this CPU: sequential full MC {seq['cpu_s_best']:.1f} s CPU and +{seq['peak_mb']:.0f} MB, "
-                 f"batched {bat['cpu_s_best']:.1f} s and +{bat['peak_mb']:.0f} MB; head MC "
-                 f"{rows['head_mc_sequential']['cpu_s_best']:.2f} s one head at a time, "
-                 f"{rows['head_mc_batched']['cpu_s_best']:.2f} s all heads in one product; so passes run one after "
-                 "another on a CPU (`DEFAULT_PASS_BATCH`).")
+    parts.append(f"Full MC passes on this CPU: sequential {seq['cpu_s_best']:.1f} s CPU and +{seq['peak_mb']:.0f} MB, "
+                 f"batched {bat['cpu_s_best']:.1f} s and +{bat['peak_mb']:.0f} MB; the CPU default "
+                 "(`DEFAULT_PASS_BATCH`) runs them one after another, for the memory. Head MC's two-class passes are "
+                 "one product per block of voxels whatever the pass batch.")
+    if "head_mc_contiguous" in rows:
+        layout = [(rows[a]["cpu_s_best"], rows[b]["cpu_s_best"]) for a, b in
+                  (("head_mc_contiguous", "head_mc"), ("head_mc_whole_volume_contiguous", "head_mc_whole_volume"))
+                  if a in rows and b in rows]
+        parts.append("The inference copy's layout (`DEFAULT_CHANNELS_LAST`): head MC " + ", ".join(
+            f"{c:.2f} s contiguous against {d:.2f} s in channels_last_3d" for c, d in layout)
+            + " (training-patch windows, then the whole volume as one window; process CPU time).")
     if "plain_2_threads" in rows:
         parts.append(f"Two torch threads made the plain forward {rows['plain_2_threads']['x_plain']:.1f}× as slow as one "
                      f"on this shared {res['environment'].get('cpu_count')}-core machine.")

@@ -274,6 +274,7 @@ def predict_volume(
     stitch_device: str | torch.device | None = None,
     flip_axes: Sequence[int] = (0, 1, 2),
     balanced_masks: bool = True,
+    channels_last: bool | None = None,
     progress: bool = False,
 ) -> Prediction:
     """Segment a whole volume (z, y, x) with sliding windows and estimate voxelwise uncertainty.
@@ -299,6 +300,9 @@ def predict_volume(
     seed: dropout masks (head) and dropout sampling (elsewhere) depend on it alone; the caller's RNG is untouched.
     balanced_masks: the head's T dropout masks are balanced across passes (stratified; see HeadDropoutMasks);
         False draws them independently.
+    channels_last: plain and head MC run on an inference copy of the network (norms folded into their convolutions)
+        in channels_last_3d when True; None = the device type's default (DEFAULT_CHANNELS_LAST: on a CPU). A speed
+        setting: the maps are the same to float rounding.
     """
     from monai.inferers import sliding_window_inference
 
@@ -323,7 +327,7 @@ def predict_volume(
         raise ValueError(f"sw_batch_size must be 'auto' or an integer >= 1, got {sw_batch_size!r}")
     window = _resolve_roi(roi, array.shape, patch, models, overlap, max_window_voxels, sw_batch_size, dev)
     est = make_estimator(name, models if name == "ensemble" else models[0], passes, seed, pass_batch, flip_axes,
-                         balanced_masks)
+                         balanced_masks, channels_last)
     use_amp = bool(amp)
 
     x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]

@@ -726,6 +726,7 @@ def make_estimator(
     pass_batch: int | None = 1,
     flip_axes: Sequence[int] = (0, 1, 2),
     balanced_masks: bool = True,
+    channels_last: bool | None = None,
 ) -> UncertaintyEstimator:
     """Build a concrete estimator by name (see `resolve_estimator` for the default and fallbacks)."""
     if name == "ensemble":
@@ -735,11 +736,12 @@ def make_estimator(
     if isinstance(model, (list, tuple)):
         raise ValueError(f"estimator {name!r} takes one model, got {len(model)}")
     if name == "plain":
-        return PlainEstimator(model, seed)
+        return PlainEstimator(model, seed, channels_last)
     if name == "mc_dropout":
         return MCDropoutEstimator(model, passes, seed, pass_batch, balanced_masks=balanced_masks)
     if name == "head_mc":
-        return HeadMCDropoutEstimator(model, passes, seed, pass_batch, balanced_masks=balanced_masks)
+        return HeadMCDropoutEstimator(model, passes, seed, pass_batch, balanced_masks=balanced_masks,
+                                      channels_last=channels_last)
     if name == "flips":
         return FlipEstimator(model, passes, seed, pass_batch, flip_axes)
     raise ValueError(f"estimator must be one of {ESTIMATORS}, got {name!r}")
