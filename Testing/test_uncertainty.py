@@ -224,6 +224,31 @@ def test_a_map_leaves_the_model_as_it_was_and_trainable(estimator):
     assert all(p.grad is not None for p in net.parameters())
 
 
+def test_the_inference_copy_is_reused_until_the_weights_change():
+    """Validation maps every few hundred steps: the copy is rebuilt only when a parameter or buffer changed, and a
+    map after a training step is the new network's, never the stale copy's."""
+    from SSLSegmentLib.ml.uncertainty.estimators import _cached_inference_copy
+
+    net = _net()
+    first = _cached_inference_copy(net, True)
+    assert _cached_inference_copy(net, True) is first
+    assert _cached_inference_copy(net, False) is not first  # another layout, another copy
+    image = _image()
+    before = predict_volume(net, image, WINDOW, passes=4, device="cpu", estimator="head_mc")
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    net.train()
+    net(torch.from_numpy(image)[None, None])["logits"][:, 1].mean().backward()
+    opt.step()
+    net.eval()
+    assert _cached_inference_copy(net, True) is not first
+    after = predict_volume(net, image, WINDOW, passes=4, device="cpu", estimator="head_mc")
+    fresh = _net()
+    fresh.load_state_dict(net.state_dict())
+    expected = predict_volume(fresh.eval(), image, WINDOW, passes=4, device="cpu", estimator="head_mc")
+    assert np.abs(after.probabilities - before.probabilities).max() > 1e-3  # the step changed the network
+    np.testing.assert_allclose(after.probabilities, expected.probabilities, atol=1e-6)
+
+
 # -- what the maps mean --------------------------------------------------------------------------------------------
 @torch.inference_mode()
 def test_maps_are_the_documented_functions_of_the_samples():

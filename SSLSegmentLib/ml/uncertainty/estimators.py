@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
+import weakref
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -49,9 +51,10 @@ DEFAULT_PASS_BATCH: dict[str, int | None] = {"cpu": 1, "cuda": None}
 # add memory (benchmarks/results/uncertainty.md, docs/uncertainty.md "Speed and memory").
 DEFAULT_WINDOW_BATCH: dict[str, int] = {"cpu": 1, "cuda": 4}
 
-# The trunk's memory format under head MC, per device type. On a CPU the default network's full-resolution layers (its
-# top transposed convolution above all) run several times faster in channels_last_3d, and the folded head then reads
-# a voxel's features as one row (benchmarks/results/training-speed.md, the map rows). Not measured on a GPU: off there.
+# The memory format of the inference copy that plain and head MC run on, per device type. On a CPU the default
+# network's full-resolution layers (its top transposed convolution above all) run several times faster in
+# channels_last_3d with the default whole-volume window, and the folded head then reads a voxel's features as one row
+# (benchmarks/results/training-speed.md, uncertainty.md). Not measured on a GPU: off there.
 DEFAULT_CHANNELS_LAST: dict[str, bool] = {"cpu": True, "cuda": False}
 # Voxels per block of head MC's folded two-class passes: a block's T passes are one small product whose statistics
 # stay in cache on a CPU; None = the whole window in one product (GPU).
@@ -363,8 +366,33 @@ class UncertaintyEstimator:
         return out
 
 
+# model → (what the copy was made from, the copy): a trainer validating every few hundred steps, or an evaluation of
+# many cases, would otherwise rebuild the same copy for every volume. The key changes with any in-place update of a
+# parameter or buffer (optimiser steps, EMA, load_state_dict bump the tensors' versions).
+_COPIES: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module]]" = weakref.WeakKeyDictionary()
+_COPIES_LOCK = threading.Lock()
+
+
+def _cached_inference_copy(net: nn.Module, channels_last: bool) -> nn.Module:
+    from SSLSegmentLib.ml.networks import inference_copy
+
+    tensors = [*net.parameters(), *net.buffers()]
+    if any(t.is_inference() for t in tensors):  # no version counter to tell a change by: copy every time
+        return inference_copy(net, channels_last)
+    key = (bool(channels_last), *((t.device, t.data_ptr(), t._version) for t in tensors))
+    with _COPIES_LOCK:
+        hit = _COPIES.get(net)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    fresh = inference_copy(net, channels_last)
+    with _COPIES_LOCK:
+        _COPIES[net] = (key, fresh)
+    return fresh
+
+
 class _InferenceCopyMixin:
-    """Deterministic passes run on `inference_copy(model)` in the device type's memory format, made at activation.
+    """Deterministic passes run on `inference_copy(model)` in the device type's memory format, made at activation
+    (and reused while the model's weights are unchanged).
 
     A copy, not the model: the caller's network may be training elsewhere, and converting its parameters in place
     under inference mode would leave them untrainable. channels_last None = DEFAULT_CHANNELS_LAST of the device.
@@ -381,12 +409,10 @@ class _InferenceCopyMixin:
             raise ValueError(f"channels_last must be True, False or None (the device's default), got {channels_last!r}")
 
     def _copy_for_inference(self, stack: contextlib.ExitStack) -> nn.Module:
-        from SSLSegmentLib.ml.networks import inference_copy
-
         net = unwrap(self.model)
         kind = _model_device(net).type
         channels_last = DEFAULT_CHANNELS_LAST.get(kind, False) if self.channels_last is None else self.channels_last
-        self._net = inference_copy(net, channels_last)
+        self._net = _cached_inference_copy(net, channels_last)
         self._memory_format = torch.channels_last_3d if channels_last else torch.contiguous_format
         stack.callback(self._release)
         return self._net
@@ -584,6 +610,7 @@ class HeadMCDropoutEstimator(_InferenceCopyMixin, _SeededDropoutMixin, Uncertain
         if self.masks is None:  # a head dropout we cannot mask explicitly: let it sample, seeded
             for m in dropout_modules(net):
                 m.train()
+            stack.callback(net.eval)  # the copy is shared with later estimators (see _cached_inference_copy)
             self._seed_global_stream(stack, _model_device(net))
 
     def _trunk(self, window: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
