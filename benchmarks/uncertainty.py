@@ -622,7 +622,9 @@ def conclusion(res: dict) -> str:
             f"{c:.2f} s contiguous against {d:.2f} s in channels_last_3d" for c, d in layout)
             + " (training-patch windows, then the whole volume as one window; process CPU time).")
     if "plain_2_threads" in rows:
-        parts.append(f"Two torch threads made the plain forward {rows['plain_2_threads']['x_plain']:.1f}× as slow as one "
+        two = rows["plain_2_threads"]
+        parts.append(f"Two torch threads took {two['x_plain']:.2f}× the wall time of one for the plain forward "
+                     f"({two['x_plain_cpu_time']:.2f}× its process CPU time) "
                      f"on this shared {res['environment'].get('cpu_count')}-core machine.")
     parts.append(f"Default estimator (`SSLSegmentLib.ml.uncertainty.DEFAULT_ESTIMATOR`): {DEFAULT_ESTIMATOR}: it adds the "
                  "epistemic maps at about the cost of one forward pass and finds errors as well as full MC dropout.")
