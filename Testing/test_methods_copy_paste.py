@@ -46,6 +46,25 @@ def test_each_pair_swaps_one_cuboid_both_ways():
     assert y.dtype == torch.long and torch.equal(y.bool(), mix.apply(mask).bool())
 
 
+def test_keep_labeled_appends_the_labeled_patches_unmixed_to_every_mixed_tensor():
+    image, label, mask = _batch(partial=True)
+    plain = BidirectionalCopyPaste().draw(4, 2, torch.Generator().manual_seed(5), SHAPE)
+    kept = BidirectionalCopyPaste(keep_labeled=True).draw(4, 2, torch.Generator().manual_seed(5), SHAPE)
+    assert kept.kept == [0, 1] and plain.kept == [] and torch.equal(kept.cuboids, plain.cuboids)  # same draws
+    for t in (image, label, mask):
+        x = kept.apply(t)
+        assert x.shape[0] == 6 and x.dtype == t.dtype
+        assert torch.equal(x[:4], plain.apply(t)) and torch.equal(x[4:], t[:2])
+    assert kept.apply(mask)[5].sum() == SHAPE[1] * SHAPE[2]  # the corrected case stays labeled where reviewed only
+    pre = BidirectionalCopyPaste(keep_labeled=True).draw(2, 2, None, SHAPE, labeled_only=True)
+    assert pre.apply(image[:2]).shape[0] == 2  # the pre-training mix is labeled already: nothing kept beside it
+    with pytest.raises(ValueError, match="keep_labeled must be a bool"):
+        BidirectionalCopyPaste(keep_labeled=1)
+    with pytest.raises(ValueError, match="needs copy_paste=True"):
+        BidirectionalRegionLoss(keep_labeled=True)
+    assert BCP(keep_labeled=True).options()["keep_labeled"] is True
+
+
 def test_a_corrected_case_keeps_only_its_reviewed_voxels_labeled_through_the_mix():
     cp = BidirectionalCopyPaste()
     image, label, mask = _batch(partial=True)

@@ -24,15 +24,16 @@ class BCP(SSLMethod):
     name = "bcp"
     summary = "bidirectional copy-paste: labeled and unlabeled crops swapped both ways, true labels + teacher pseudo-labels"
 
-    def __init__(self, consistency_weight: float = 0.5, size_ratio: float = 2.0 / 3.0, pseudo_lcc: bool = True):
+    def __init__(self, consistency_weight: float = 0.5, size_ratio: float = 2.0 / 3.0, pseudo_lcc: bool = True,
+                 keep_labeled: bool = False):
         super().__init__(consistency_weight)
         if not isinstance(pseudo_lcc, bool):
             raise ValueError(f"pseudo_lcc must be a bool, got {pseudo_lcc!r}")
-        self.copy_paste = BidirectionalCopyPaste(size_ratio)
+        self.copy_paste = BidirectionalCopyPaste(size_ratio, keep_labeled)
         self.pseudo_lcc = pseudo_lcc
 
     def options(self) -> dict:
-        return {**super().options(), "size_ratio": self.copy_paste.size_ratio, "pseudo_lcc": self.pseudo_lcc}
+        return {**super().options(), **self.copy_paste.options(), "pseudo_lcc": self.pseudo_lcc}
 
     def compute_loss(self, ctx: StepContext) -> MethodOutput:
         image, known = ctx.image, ctx.labeled_mask

@@ -41,6 +41,7 @@ class BidirectionalRegionLoss(SSLMethod):
         passes: int = 1,
         copy_paste: bool = False,
         size_ratio: float = 2.0 / 3.0,
+        keep_labeled: bool = False,
     ):
         super().__init__(consistency_weight)
         for name, v in (("high_threshold", high_threshold), ("low_threshold", low_threshold)):
@@ -52,7 +53,9 @@ class BidirectionalRegionLoss(SSLMethod):
         self.passes = int(passes)
         if not isinstance(copy_paste, bool):
             raise ValueError(f"copy_paste must be a bool, got {copy_paste!r}")
-        self.copy_paste = BidirectionalCopyPaste(size_ratio) if copy_paste else None
+        if keep_labeled and not copy_paste:
+            raise ValueError("keep_labeled keeps the labeled patches beside the copy-paste mix; it needs copy_paste=True")
+        self.copy_paste = BidirectionalCopyPaste(size_ratio, keep_labeled) if copy_paste else None
 
     def options(self) -> dict:
         return {
@@ -62,7 +65,7 @@ class BidirectionalRegionLoss(SSLMethod):
             "low_threshold": self.low_threshold,
             "passes": self.passes,
             "copy_paste": self.copy_paste is not None,
-            **({"size_ratio": self.copy_paste.size_ratio} if self.copy_paste is not None else {}),
+            **(self.copy_paste.options() if self.copy_paste is not None else {}),
         }
 
     def region_masks(self, uncertainty: torch.Tensor, labeled_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
