@@ -157,10 +157,18 @@ def test_resume_keeps_finished_runs_of_the_same_config_only(tmp_path):
     path.write_text(json.dumps({**meta, "config": {"iterations": 400}, "runs": []}))
     with pytest.raises(ValueError, match="another profile"):
         _resume(path, meta, tasks)
-    # Runs made with other method options are not mixed in either (a file without the key had the defaults).
-    path.write_text(json.dumps({**meta, "runs": [_run("full", "all", 0, 0.9)]}))
-    with pytest.raises(ValueError, match="method options"):
-        _resume(path, {**meta, "method_options": {"brl": {"beta": 0.3}}}, tasks)
+    # A run trained with other method options or other row settings than its task is run again, not mixed in
+    # (a run or file without the key had the defaults); the rows an option does not touch are kept.
+    lcc_task = next(t for t in tasks if t["method"] == "lcc")
+    lcc_task["method_options"] = {"consistency_weight": 0.3}
+    path.write_text(json.dumps({**meta, "runs": [_run("full", "all", 0, 0.9), _run("lcc", 4, 0, 0.7)]}))
+    kept, todo = _resume(path, meta, tasks)
+    assert [r["method"] for r in kept] == ["full"] and sorted(t["method"] for t in todo) == ["lcc", "supervised"]
+    path.write_text(json.dumps({**meta, "runs": [{**_run("lcc", 4, 0, 0.7), "method_options": {"consistency_weight": 0.3}}]}))
+    kept, _ = _resume(path, meta, tasks)
+    assert [r["method"] for r in kept] == ["lcc"]
+    kept, _ = _resume(path, {**meta, "row_config": {"lcc": {"pretrain_iterations": 300}}}, tasks)
+    assert kept == []
 
 
 def test_method_options_come_from_the_profile_and_the_command_line(tmp_path):

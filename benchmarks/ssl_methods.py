@@ -421,21 +421,27 @@ def run_profile(profile: Profile, work: Path, methods: list[str], seeds: list[in
 
 def _resume(paths, meta: dict, tasks: list[dict]) -> tuple[list[dict], list[dict]]:
     """Runs already in the result files `paths` (same profile, data and config; the first file wins for a run
-    present in several) and the tasks still to do."""
+    present in several) and the tasks still to do. A run is kept only where it was trained as its task would be:
+    the same method options and the same row settings (a file without the keys had the defaults); the others
+    are run again, so an option chosen later re-runs just the rows it touches."""
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     key = lambda r: (r["method"], "all" if r["method"] == "full" else r["n_labeled"], r["seed"])  # noqa: E731
-    wanted = {key(t) for t in tasks}
+    wanted = {key(t): t for t in tasks}
+    row_config = meta.get("row_config", {})
     kept, done = [], set()
     for path in map(Path, paths):
         if not path.is_file():
             continue
         old = json.loads(path.read_text())
-        same = all(old.get(k) == meta[k] for k in ("profile", "data", "config"))
-        if not same or old.get("method_options", {}) != meta.get("method_options", {}):
-            raise ValueError(f"{path} holds results of another profile, data set, config or method options; "
-                             "choose another --out-name")
+        if not all(old.get(k) == meta[k] for k in ("profile", "data", "config")):
+            raise ValueError(f"{path} holds results of another profile, data set or config; choose another --out-name")
         for r in old["runs"]:
-            if key(r) in wanted and key(r) not in done:
+            task = wanted.get(key(r))
+            if task is None or key(r) in done:
+                continue
+            same_options = r.get("method_options", {}) == task.get("method_options", {})
+            same_row = old.get("row_config", {}).get(r["method"], {}) == row_config.get(r["method"], {})
+            if same_options and same_row:
                 kept.append(r)
                 done.add(key(r))
     todo = [t for t in tasks if key(t) not in done]
@@ -749,7 +755,8 @@ def main(argv=None) -> int:
     ap.add_argument("--results", default=str(RESULTS), help="folder for the JSON and markdown results")
     ap.add_argument("--out-name", default=None)
     ap.add_argument("--resume", action="store_true",
-                    help="keep the runs already in the results JSON (same profile, data and config) and do the rest")
+                    help="keep the runs already in the results JSON (same profile, data and config) and do the rest; a run "
+                    "trained with other method options or row settings than its task now is run again")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="also keep the runs of these result files (same profile, data and config), e.g. methods run "
                     "by another process")
