@@ -175,9 +175,16 @@ def test_method_options_come_from_the_profile_and_the_command_line(tmp_path):
     from benchmarks.ssl_methods import method_options
 
     p = PROFILES["la-quick"]
-    assert method_options(p, argparse.Namespace()) == {"brl": {"beta": 0.3, "consistency_weight": 0.1}}
+    copy_paste_rows = {"bcp": {"keep_labeled": True}, "brl-cp": {"keep_labeled": True}}
+    assert method_options(p, argparse.Namespace()) == {"brl": {"beta": 0.3, "consistency_weight": 0.1}, **copy_paste_rows}
     args = argparse.Namespace(method_option=["brl:beta=0.5", "sgrs:consistency_weight=0.3"])
-    assert method_options(p, args) == {"brl": {"beta": 0.5, "consistency_weight": 0.1}, "sgrs": {"consistency_weight": 0.3}}
+    assert method_options(p, args) == {"brl": {"beta": 0.5, "consistency_weight": 0.1}, "sgrs": {"consistency_weight": 0.3},
+                                       **copy_paste_rows}
+    # A row variant's own options go to that row only: brl-cp trains brl with brl's options, the mix and its own.
+    by = {t["method"]: t["method_options"] for t in plan_tasks(p, tmp_path, tmp_path, ["brl", "brl-cp"], [0], [4],
+                                                                p.config, argparse.Namespace())}
+    assert by == {"brl": {"beta": 0.3, "consistency_weight": 0.1},
+                  "brl-cp": {"beta": 0.3, "consistency_weight": 0.1, "copy_paste": True, "keep_labeled": True}}
     assert PROFILES["la-quick"].method_options["brl"]["beta"] == 0.3  # the profile itself is untouched
     tasks = plan_tasks(p, tmp_path, tmp_path, ["full", "supervised", "brl", "sgrs"], [0], [4], p.config, args)
     by = {t["method"]: t["method_options"] for t in tasks}
@@ -217,7 +224,7 @@ def test_a_row_variant_trains_its_method_with_the_profiles_options_and_its_own(t
     tasks = plan_tasks(p, tmp_path, tmp_path, ["brl", "brl-cp", "bcp"], [0], [4], p.config, argparse.Namespace())
     by_row = {t["method"]: t for t in tasks}
     assert by_row["brl-cp"]["train_method"] == "brl" and by_row["bcp"]["train_method"] == "bcp"
-    assert by_row["brl-cp"]["method_options"] == {**p.method_options["brl"], "copy_paste": True}
+    assert by_row["brl-cp"]["method_options"] == {**p.method_options["brl"], "copy_paste": True, "keep_labeled": True}
     assert by_row["brl"]["method_options"] == p.method_options["brl"]  # the plain row is untouched
     assert by_row["brl-cp"]["out_dir"] != by_row["brl"]["out_dir"]
     # BCP's pre-training stage is a training setting of the copy-paste rows only, and the table says so

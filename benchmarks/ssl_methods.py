@@ -158,9 +158,12 @@ PROFILES: dict[str, Profile] = {
         # Chosen on the validation split (benchmarks/results/tuning-la-quick-validation.json): brl's default β is
         # unstable with this few fully labeled cases of real MRI, and the lower consistency weight suits the lower β
         # (docs/methods.md, "brl's β").
-        method_options={"brl": {"beta": 0.3, "consistency_weight": 0.1}},
+        # The copy-paste rows also train on their labeled patches unmixed: at 2000 iterations the mixes alone give the
+        # student too little labeled signal (benchmarks/results/tuning-bcp-validation.md).
+        method_options={"brl": {"beta": 0.3, "consistency_weight": 0.1}, "bcp": {"keep_labeled": True},
+                        "brl-cp": {"keep_labeled": True}},
         # BCP's recipe: a labeled-only copy-paste stage first (2000 of its 17000 iterations; here the same ~15%),
-        # for both rows that train on copy-paste mixes. Not yet chosen on the validation split.
+        # for both rows that train on copy-paste mixes; 1000 was no better on the validation folds.
         row_config={"bcp": {"pretrain_iterations": 300}, "brl-cp": {"pretrain_iterations": 300}},
     ),
     "paper": Profile(
