@@ -154,6 +154,12 @@ def test_resume_keeps_finished_runs_of_the_same_config_only(tmp_path):
     kept, todo = _resume([path, other], meta, tasks)
     assert sorted(r["method"] for r in kept) == ["full", "lcc"] and [t["method"] for t in todo] == ["supervised"]
     assert [r["test"]["dice"] for r in kept if r["method"] == "full"] == [0.9]  # the first file wins
+    # A file written before a TrainConfig field existed reads it at its default (the behaviour before the field)
+    path.write_text(json.dumps({**meta, "runs": [_run("full", "all", 0, 0.9)]}))
+    kept, _ = _resume(path, {**meta, "config": {"iterations": 800, "reviewed_patch_share": 0.5}}, tasks)
+    assert [r["method"] for r in kept] == ["full"]
+    with pytest.raises(ValueError, match="another profile"):
+        _resume(path, {**meta, "config": {"iterations": 800, "reviewed_patch_share": 0.25}}, tasks)
     path.write_text(json.dumps({**meta, "config": {"iterations": 400}, "runs": []}))
     with pytest.raises(ValueError, match="another profile"):
         _resume(path, meta, tasks)

@@ -436,6 +436,10 @@ def _resume(paths, meta: dict, tasks: list[dict]) -> tuple[list[dict], list[dict
         if not path.is_file():
             continue
         old = json.loads(path.read_text())
+        # A TrainConfig field added after the file was written is read at its default: a new field's default is the
+        # behaviour from before it existed (e.g. reviewed_patch_share only acts on corrected cases).
+        defaults = TrainConfig().to_dict()
+        old["config"] = {**{k: defaults[k] for k in meta["config"] if k in defaults}, **old.get("config", {})}
         if not all(old.get(k) == meta[k] for k in ("profile", "data", "config")):
             raise ValueError(f"{path} holds results of another profile, data set or config; choose another --out-name")
         for r in old["runs"]:
