@@ -175,6 +175,15 @@ def test_resume_keeps_finished_runs_of_the_same_config_only(tmp_path):
     assert [r["method"] for r in kept] == ["lcc"]
     kept, _ = _resume(path, {**meta, "row_config": {"lcc": {"pretrain_iterations": 300}}}, tasks)
     assert kept == []
+    # Options compare as the method reports them: a run recorded with every option kept, a default named explicitly
+    # is the same run
+    from SSLSegmentLib.ml.methods import get_method
+
+    path.write_text(json.dumps({**meta, "runs": [{**_run("lcc", 4, 0, 0.7),
+                                                  "method_options": get_method("lcc").options()}]}))
+    lcc_task["method_options"] = {"consistency_weight": get_method("lcc").options()["consistency_weight"]}
+    kept, _ = _resume(path, meta, tasks)
+    assert [r["method"] for r in kept] == ["lcc"]
 
 
 def test_method_options_come_from_the_profile_and_the_command_line(tmp_path):

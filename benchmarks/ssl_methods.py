@@ -425,8 +425,8 @@ def run_profile(profile: Profile, work: Path, methods: list[str], seeds: list[in
 def _resume(paths, meta: dict, tasks: list[dict]) -> tuple[list[dict], list[dict]]:
     """Runs already in the result files `paths` (same profile, data and config; the first file wins for a run
     present in several) and the tasks still to do. A run is kept only where it was trained as its task would be:
-    the same method options and the same row settings (a file without the keys had the defaults); the others
-    are run again, so an option chosen later re-runs just the rows it touches."""
+    the same method options (compared as the method reports them, so a default named explicitly is the same
+    run) and the same row settings (a file without the keys had the defaults); the others are run again, so an option chosen later re-runs just the rows it touches."""
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     key = lambda r: (r["method"], "all" if r["method"] == "full" else r["n_labeled"], r["seed"])  # noqa: E731
     wanted = {key(t): t for t in tasks}
@@ -446,7 +446,7 @@ def _resume(paths, meta: dict, tasks: list[dict]) -> tuple[list[dict], list[dict
             task = wanted.get(key(r))
             if task is None or key(r) in done:
                 continue
-            same_options = r.get("method_options", {}) == task.get("method_options", {})
+            same_options = _trained_options(task, r.get("method_options", {})) == _trained_options(task)
             same_row = old.get("row_config", {}).get(r["method"], {}) == row_config.get(r["method"], {})
             if same_options and same_row:
                 kept.append(r)
@@ -454,6 +454,17 @@ def _resume(paths, meta: dict, tasks: list[dict]) -> tuple[list[dict], list[dict
     todo = [t for t in tasks if key(t) not in done]
     print(f"[bench] resuming from {', '.join(map(str, paths))}: {len(kept)} runs kept, {len(todo)} to do", flush=True)
     return kept, todo
+
+
+def _trained_options(task: dict, recorded: dict | None = None) -> dict:
+    """The method options a task trains with, as the method reports them (every option, defaults included); with
+    `recorded` (a finished run's report), that report with the options it lacks (added since) at their defaults."""
+    from SSLSegmentLib.ml.methods import get_method
+
+    trained = "supervised" if task["method"] == "full" else task.get("train_method", task["method"])
+    if recorded is None:
+        return get_method(trained, **task.get("method_options", {})).options()
+    return {**get_method(trained).options(), **recorded}
 
 
 def _environment(config: dict) -> dict:
