@@ -154,6 +154,13 @@ def test_resume_keeps_finished_runs_of_the_same_config_only(tmp_path):
     kept, todo = _resume([path, other], meta, tasks)
     assert sorted(r["method"] for r in kept) == ["full", "lcc"] and [t["method"] for t in todo] == ["supervised"]
     assert [r["test"]["dice"] for r in kept if r["method"] == "full"] == [0.9]  # the first file wins
+    # The table says which runs this invocation's wall time covers and when the kept ones ran
+    from benchmarks.ssl_methods import _wall_sentence
+
+    assert {r["kept_from"] for r in kept} == {str(path), str(other)}
+    sentence = _wall_sentence({"wall_seconds": 120, "runs": kept + [_run("supervised", 4, 0, 0.6)]})
+    assert sentence.startswith("wall 2.0 min for the 1 runs of this invocation; 2 runs kept")
+    assert _wall_sentence({"wall_seconds": 120, "runs": [_run("supervised", 4, 0, 0.6)]}) == "total wall 2.0 min."
     # A file written before a TrainConfig field existed reads it at its default (the behaviour before the field)
     path.write_text(json.dumps({**meta, "runs": [_run("full", "all", 0, 0.9)]}))
     kept, _ = _resume(path, {**meta, "config": {"iterations": 800, "reviewed_patch_share": 0.5}}, tasks)

@@ -280,6 +280,7 @@ def _run_one(task: dict) -> dict:
             row[k + "_cases"] = e["cases"]
     row["eval_seconds"] = time.time() - t1
     row["wall_seconds"] = time.time() - t0
+    row["date"] = time.strftime("%Y-%m-%d")
     print(f"[bench]   {method} l={n_labeled} s={seed}: test Dice {row['test']['dice']:.4f}  ({row['wall_seconds']:.0f} s)", flush=True)
     return row
 
@@ -449,11 +450,22 @@ def _resume(paths, meta: dict, tasks: list[dict]) -> tuple[list[dict], list[dict
             same_options = _trained_options(task, r.get("method_options", {})) == _trained_options(task)
             same_row = old.get("row_config", {}).get(r["method"], {}) == row_config.get(r["method"], {})
             if same_options and same_row:
-                kept.append(r)
+                kept.append({**r, "kept_from": str(path), "date": r.get("date") or old.get("environment", {}).get("date")})
                 done.add(key(r))
     todo = [t for t in tasks if key(t) not in done]
     print(f"[bench] resuming from {', '.join(map(str, paths))}: {len(kept)} runs kept, {len(todo)} to do", flush=True)
     return kept, todo
+
+
+def _wall_sentence(result: dict) -> str:
+    """The wall time, and where runs were kept from earlier result files, which runs it covers."""
+    wall = f"{result.get('wall_seconds', 0) / 60:.1f} min"
+    kept = [r for r in result.get("runs", []) if r.get("kept_from")]
+    if not kept:
+        return f"total wall {wall}."
+    dates = sorted({r.get("date") or "?" for r in kept})
+    return (f"wall {wall} for the {len(result['runs']) - len(kept)} runs of this invocation; {len(kept)} runs kept "
+            f"from an earlier result file (dated {', '.join(dates)}), their times per run in the table.")
 
 
 def _trained_options(task: dict, recorded: dict | None = None) -> dict:
@@ -567,7 +579,7 @@ def markdown_table(result: dict) -> str:
     lines += [
         f"Device: **{env['device']}**; machine {env['machine']} ({env['processor']}), {env['cpu_threads']} torch "
         f"threads per run, {result.get('jobs', 1)} run(s) at a time; Python {env['python']}, torch {env['torch']}, "
-        f"MONAI {env['monai']}; date {env['date']}; total wall {result.get('wall_seconds', 0) / 60:.1f} min.",
+        f"MONAI {env['monai']}; date {env['date']}; " + _wall_sentence(result),
         "",
         "Config: " + json.dumps({k: cfg.get(k) for k in ("patch_size", "iterations", "lr", "lr_schedule", "lr_step",
                                                            "batch_labeled", "batch_unlabeled", "ema_decay", "rampup_steps",
