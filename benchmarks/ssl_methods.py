@@ -338,7 +338,11 @@ def unknown_rows(methods) -> list[str]:
     return [m for m in methods if m != "full" and m not in ROW_VARIANTS and m not in available_methods()]
 
 
-def plan_tasks(profile: Profile, data: Path, work: Path, methods, seeds, labeled, config, args) -> list[dict]:
+def plan_tasks(profile: Profile, data: Path, work: Path, methods, seeds, labeled, config, args,
+               run_name: str | None = None) -> list[dict]:
+    """One task per run; run folders under WORK/runs/RUN_NAME (the result file's name; default the profile's), so
+    invocations writing other result files never train into, or evaluate, each other's checkpoints."""
+    root = work / "runs" / (run_name or profile.name)
     lists = {}
     for key in ("train", "val", "test"):
         path = getattr(args, f"{key}_list", None)
@@ -356,7 +360,7 @@ def plan_tasks(profile: Profile, data: Path, work: Path, methods, seeds, labeled
     for seed in seeds:
         if "full" in methods:
             tasks.append({**base, "method": "full", "n_labeled": None, "seed": seed, "method_options": {},
-                          "out_dir": str(work / "runs" / profile.name / "full" / f"s{seed}")})
+                          "out_dir": str(root / "full" / f"s{seed}")})
         for n in labeled:
             for m in methods:
                 if m != "full":
@@ -365,7 +369,7 @@ def plan_tasks(profile: Profile, data: Path, work: Path, methods, seeds, labeled
                     tasks.append({**base, "config": {**config, **per_row.get(m, {})},
                                   "method": m, "train_method": trained, "n_labeled": n, "seed": seed,
                                   "method_options": opts,
-                                  "out_dir": str(work / "runs" / profile.name / f"l{n}" / f"s{seed}" / m)})
+                                  "out_dir": str(root / f"l{n}" / f"s{seed}" / m)})
     return tasks
 
 
@@ -375,7 +379,7 @@ def run_profile(profile: Profile, work: Path, methods: list[str], seeds: list[in
     data = profile.make_data(work, args)
     labeled = list(getattr(args, "labeled", None) or profile.n_labeled)
     config = with_network_options(scaled_config(profile, getattr(args, "iterations", None)), network_options(args))
-    tasks = plan_tasks(profile, data, work, methods, seeds, labeled, config, args)
+    tasks = plan_tasks(profile, data, work, methods, seeds, labeled, config, args, run_name=out_name)
     jobs = max(1, int(getattr(args, "jobs", 1) or 1))
     meta = {
         "profile": profile.name,
