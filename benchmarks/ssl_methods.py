@@ -430,19 +430,21 @@ def _resume(paths, meta: dict, tasks: list[dict]) -> tuple[list[dict], list[dict
     """Runs already in the result files `paths` (same profile, data and config; the first file wins for a run
     present in several) and the tasks still to do. A run is kept only where it was trained as its task would be:
     the same method options (compared as the method reports them, so a default named explicitly is the same
-    run) and the same row settings (a file without the keys had the defaults); the others are run again, so an option chosen later re-runs just the rows it touches."""
+    run) and the same row settings (a file without the keys had the defaults); the others are run again, so an
+    option chosen later re-runs just the rows it touches."""
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     key = lambda r: (r["method"], "all" if r["method"] == "full" else r["n_labeled"], r["seed"])  # noqa: E731
     wanted = {key(t): t for t in tasks}
+    trained_as = {k: _trained_options(t) for k, t in wanted.items()}
     row_config = meta.get("row_config", {})
+    # A TrainConfig field added after a file was written is read at its default: a new field's default is the
+    # behaviour from before it existed (e.g. reviewed_patch_share only acts on corrected cases).
+    defaults = TrainConfig().to_dict()
     kept, done = [], set()
     for path in map(Path, paths):
         if not path.is_file():
             continue
         old = json.loads(path.read_text())
-        # A TrainConfig field added after the file was written is read at its default: a new field's default is the
-        # behaviour from before it existed (e.g. reviewed_patch_share only acts on corrected cases).
-        defaults = TrainConfig().to_dict()
         old["config"] = {**{k: defaults[k] for k in meta["config"] if k in defaults}, **old.get("config", {})}
         if not all(old.get(k) == meta[k] for k in ("profile", "data", "config")):
             raise ValueError(f"{path} holds results of another profile, data set or config; choose another --out-name")
@@ -450,7 +452,7 @@ def _resume(paths, meta: dict, tasks: list[dict]) -> tuple[list[dict], list[dict
             task = wanted.get(key(r))
             if task is None or key(r) in done:
                 continue
-            same_options = _trained_options(task, r.get("method_options", {})) == _trained_options(task)
+            same_options = _trained_options(task, r.get("method_options", {})) == trained_as[key(r)]
             same_row = old.get("row_config", {}).get(r["method"], {}) == row_config.get(r["method"], {})
             if same_options and same_row:
                 kept.append({**r, "kept_from": str(path), "date": r.get("date") or old.get("environment", {}).get("date")})
