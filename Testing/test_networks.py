@@ -14,7 +14,7 @@ from torch import nn
 from conftest import TINY_NET
 from SSLSegmentLib.ml.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, model_from_checkpoint, save_checkpoint
 from SSLSegmentLib.ml.inference import predict_volume
-from SSLSegmentLib.ml.networks import NetworkConfig, build_network, inference_copy
+from SSLSegmentLib.ml.networks import FastPReLU, NetworkConfig, build_network, inference_copy
 from SSLSegmentLib.ml.uncertainty import HeadMCDropoutEstimator, MCDropoutEstimator
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -157,3 +157,28 @@ def test_inference_copy_computes_the_same_function_and_leaves_the_network_alone(
     net.train()
     net(x)["logits"].sum().backward()
     assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
+
+
+def test_the_cpu_prelu_gives_torchs_gradients_and_keeps_the_checkpoint_layout():
+    net = _net()
+    _prelu_slopes(net)
+    fast = [m for m in net.modules() if isinstance(m, nn.PReLU)]
+    assert fast and all(type(m) is FastPReLU for m in fast if m.num_parameters == 1)
+    plain = build_network(**TINY_NET)
+    for m in plain.modules():  # the same network with torch's own PReLU
+        if type(m) is FastPReLU:
+            m.__class__ = nn.PReLU
+    assert plain.load_state_dict(net.state_dict()) is not None  # same keys both ways
+    x = torch.from_numpy(np.random.default_rng(5).standard_normal((2, 1, 8, 16, 24)).astype(np.float32))
+    y = torch.from_numpy(np.random.default_rng(6).integers(0, 2, (2, 8, 16, 24)))
+    grads = []
+    for model in (net, plain):
+        model.train()
+        torch.manual_seed(1)  # the same head-dropout mask
+        xi = x.clone().requires_grad_(True)
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(xi)["logits"], y).backward()
+        grads.append({"input": xi.grad, **{k: p.grad for k, p in model.named_parameters()}})
+    for k in grads[1]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], atol=1e-6, rtol=1e-4, msg=k)
+    assert any("A.weight" in k and grads[0][k].abs().item() > 0 for k in grads[0])  # the slopes do learn

@@ -105,6 +105,50 @@ class NetworkConfig:
         return m
 
 
+class _PReLUFunction(torch.autograd.Function):
+    """PReLU y = max(0, x) + a·min(0, x) with one slope a, its backward in two fused passes: dx from leaky_relu's
+    backward kernel, da as one dot product. On a CPU torch's own PReLU backward takes ~15x as long at a full-resolution
+    feature map (benchmarks/results/training-speed.md), the largest single cost of the step beyond the bare UNet."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, a)
+        return torch.nn.functional.prelu(x, a)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, a = ctx.saved_tensors
+        g = g.contiguous()
+        gx = torch.ops.aten.leaky_relu_backward(g, x, float(a), False) if ctx.needs_input_grad[0] else None
+        ga = None
+        if ctx.needs_input_grad[1]:
+            neg = x.clamp(max=0).to(g.dtype).reshape(-1)
+            ga = torch.dot(g.reshape(-1), neg).reshape(1).to(a.dtype)
+        return gx, ga
+
+
+class FastPReLU(nn.PReLU):
+    """`nn.PReLU` (same parameter, same state-dict key) whose backward is cheap on a CPU; single-slope only. Elsewhere
+    (a GPU, or several slopes) it is nn.PReLU: reading the slope as a float would sync a GPU once per layer."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.num_parameters == 1 and x.device.type == "cpu" and torch.is_grad_enabled():
+            return _PReLUFunction.apply(x, self.weight)
+        return super().forward(x)
+
+    @classmethod
+    def replace_in(cls, module: nn.Module) -> int:
+        """Swap every single-slope nn.PReLU under `module` for a FastPReLU holding the same parameter; returns how
+        many were swapped."""
+        n = 0
+        for parent in module.modules():
+            for child in parent.children():
+                if type(child) is nn.PReLU and child.num_parameters == 1:
+                    child.__class__ = cls  # same attributes, same parameter: only forward differs
+                    n += 1
+        return n
+
+
 class SegNet(nn.Module):
     """Trunk + heads. `forward` returns a dict: logits (B, C, ...), features (B, F, ...), and levelset if enabled."""
 
@@ -149,6 +193,7 @@ class SegNet(nn.Module):
         self.head_dropout = nn.Dropout3d(head_dropout) if head_dropout > 0 else nn.Identity()
         self.seg_head = nn.Conv3d(config.features, config.num_classes, kernel_size=1)
         self.levelset = nn.Conv3d(config.features, config.num_classes - 1, kernel_size=1) if config.levelset_head else None
+        FastPReLU.replace_in(self)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Deterministic trunk (B, in, D, H, W) → (B, F, D, H, W) when dropout is head-only."""
@@ -229,4 +274,4 @@ def build_network(config: NetworkConfig | dict | None = None, **overrides) -> Se
     return SegNet(config)
 
 
-__all__ = ["NetworkConfig", "SegNet", "build_network", "inference_copy", "DROPOUT_PLACEMENTS"]
+__all__ = ["NetworkConfig", "SegNet", "FastPReLU", "build_network", "inference_copy", "DROPOUT_PLACEMENTS"]
