@@ -267,3 +267,13 @@ def test_the_command_line_accepts_row_variants_and_refuses_unknown_names():
 
     assert unknown_rows(["full", "brl", "brl-cp", "bcp"]) == []
     assert unknown_rows(["brl-cp", "bcpp"]) == ["bcpp"]
+
+
+def test_the_command_line_names_the_rows_it_knows_when_one_is_unknown(capsys):
+    from benchmarks.ssl_methods import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--profile", "quick", "--methods", "supervised,bcpp", "brl"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert "unknown method(s) ['bcpp']" in err and "available: full, bcp, brl" in err and "brl-cp" in err

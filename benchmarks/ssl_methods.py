@@ -766,7 +766,8 @@ def fit_iterations(cost: dict, methods: list[str], labeled: list[int], jobs: int
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="quick", choices=sorted(PROFILES))
-    ap.add_argument("--methods", nargs="+", default=None)
+    ap.add_argument("--methods", nargs="+", default=None, help="rows to run, by space or comma (default: the "
+                    "profile's)")
     ap.add_argument("--seeds", type=int, nargs="+", default=None)
     ap.add_argument("--labeled", type=int, nargs="+", default=None, help="labeled counts (default: the profile's)")
     ap.add_argument("--iterations", type=int, default=None, help="override the profile's iterations (reported)")
@@ -804,12 +805,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     profile = PROFILES[args.profile]
-    methods = args.methods or profile.methods
+    methods = [m for arg in args.methods for m in arg.split(",") if m] if args.methods else profile.methods
     bad = unknown_rows(methods)
     if bad:
         from SSLSegmentLib.ml.methods import available_methods
 
-        ap.error(f"unknown method(s) {bad}; available: full, {', '.join(available_methods() + sorted(ROW_VARIANTS))}")
+        ap.error(f"unknown method(s) {bad}; available: full, "
+                 f"{', '.join(list(available_methods()) + sorted(ROW_VARIANTS))}")
     try:
         with_network_options(profile.config, network_options(args))
     except ValueError as e:
