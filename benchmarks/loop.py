@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.refinement import Console, LoopConfig, finetune_params, gain_ratio, run_loop
+from training.retrain import RetrainSchedule
 
 RESULTS = Path("benchmarks/results")
 REPO = Path(__file__).resolve().parents[1]
@@ -70,10 +71,10 @@ PROFILES = {
     "quick": Profile(
         name="quick",
         description="phantoms 24 train (4 labeled) / 4 val / 6 test at 40×64×64 per seed, default UNet, brl teacher "
-                    "300 iterations; 3 rounds × 2 cases, 2 % review budget per case, 60-iteration retrains",
+                    "300 iterations; 3 rounds × 2 cases, 2 % review budget per case, retrains sized by the worker's schedule",
         loop=dict(arms=MAIN_ARMS, rounds=3, cases_per_round=2, budget_fraction=0.02, n_labeled=4,
                   teacher={"method": "brl", "iterations": 300, "lr": 0.02, "lr_schedule": "poly", "val_interval": 100},
-                  finetune=finetune_params(60)),
+                  finetune={}),
         seeds=[0, 1, 2],
         out_name="loop",
     ),
@@ -81,12 +82,12 @@ PROFILES = {
         name="la",
         description="LA2018 (real LGE-MRI) at half resolution (1.25 mm), 60 train (8 labeled) / 10 val / 10 test, "
                     "default UNet, patches 48×48×32 (x×y×z), brl teacher 450 iterations (lr 0.03 poly); 3 rounds × "
-                    "2 cases, 2 % review budget per case, 60-iteration retrains",
+                    "2 cases, 2 % review budget per case, retrains sized by the worker's schedule",
         loop=dict(arms=["uncertainty", "random", "oracle", "none", "uncertainty-full-label"], rounds=3,
                   cases_per_round=2, budget_fraction=0.02, n_labeled=8,
                   teacher={"method": "brl", "iterations": 450, "lr": 0.03, "lr_schedule": "poly", "val_interval": 150,
                            "patch_size": [32, 48, 48]},
-                  finetune=finetune_params(60)),
+                  finetune={}),
         seeds=[0],
         out_name="loop-la",
     ),
@@ -188,7 +189,7 @@ def markdown(result: dict) -> str:
         f"Python {env['python']}, torch {env['torch']}, MONAI {env['monai']}; date {env['date']}. "
         f"Wall {result['seconds']:.0f} s, CPU {result['cpu_seconds']:.0f} s in all (the loop, servers and workers).",
         "",
-        f"Retrain: {json.dumps(cfg['finetune'])}. Teacher: {json.dumps(cfg['teacher'])}.",
+        f"Retrain: {_retrain_sentence(cfg)} Teacher: {json.dumps(cfg['teacher'])}.",
         "",
         "## Test Dice (%) after each round",
         "",
@@ -363,7 +364,9 @@ def _run_record(seed: int, data: Path, res: dict) -> dict:
 
 def run_profile(profile: Profile, work: Path, seeds: list[int], threads: int, data: str | None = None,
                 la_source: str | None = None, arms: list[str] | None = None, finetune_iterations: int | None = None,
-                out_name: str | None = None) -> dict:
+                out_name: str | None = None, retrain: dict | None = None) -> dict:
+    """Every seed of `profile`; each invocation trains under WORK/loop/<result name>/, so two side by side with
+    other result names never share (or delete) each other's datastores."""
     from benchmarks.experiment import environment
 
     runs, t0 = [], time.time()
@@ -378,8 +381,10 @@ def run_profile(profile: Profile, work: Path, seeds: list[int], threads: int, da
             loop["arms"] = arms
         if finetune_iterations is not None:
             loop["finetune"] = {**loop["finetune"], **finetune_params(finetune_iterations)}
+        if retrain:
+            loop["retrain"] = {**loop.get("retrain", RetrainSchedule().to_dict()), **retrain}
         cfg = LoopConfig(**loop, seed=seed, threads=threads)
-        run_dir = work / "loop" / profile.name / f"s{seed}"
+        run_dir = work / "loop" / (out_name or profile.out_name) / f"s{seed}"
         shutil.rmtree(run_dir, ignore_errors=True)
         console = Console()
         console(f"[bench-loop] profile {profile.name}, seed {seed}, data {folder}")
@@ -391,6 +396,29 @@ def run_profile(profile: Profile, work: Path, seeds: list[int], threads: int, da
                   "cpu_seconds": round(sum(r["cpu_seconds"] for r in runs), 1)}
         _write(result, out_name or profile.out_name)
     return result
+
+
+def _retrain_sentence(cfg: dict) -> str:
+    """What each retrain ran: the request's fixed parameters, or the worker's schedule with the iterations it chose
+    (results written before the schedule carry no "retrain" and are described by their request alone)."""
+    if cfg.get("finetune") or "retrain" not in cfg:
+        return f"{json.dumps(cfg.get('finetune', {}))} (fixed by the request)."
+    return f"the worker's schedule {json.dumps(cfg['retrain'])} (training/retrain.py)."
+
+
+def retrain_options(pairs: list[str]) -> dict:
+    """KEY=VALUE pairs (JSON values) checked against RetrainSchedule; ValueError names the bad one."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--retrain takes KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    RetrainSchedule.from_settings(out)
+    return out
 
 
 def main(argv=None) -> int:
@@ -407,15 +435,21 @@ def main(argv=None) -> int:
     ap.add_argument("--render", default=None, metavar="JSON", help="only rewrite the markdown of a result JSON")
     ap.add_argument("--finetune-iterations", type=int, default=None, metavar="N",
                     help="iterations of each retrain (default: the profile's); the rest of the retrain as the profile's")
+    ap.add_argument("--retrain", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="the datastore's retrain schedule fields, e.g. per_new_case=90 lr=0.005 (JSON values)")
     ap.add_argument("--out-name", default=None, help="result file name (default: the profile's)")
     args = ap.parse_args(argv)
+    try:
+        retrain = retrain_options(args.retrain)
+    except ValueError as exc:
+        ap.error(str(exc))
     if args.render:
         print(render(args.render))
         return 0
     torch.set_num_threads(args.threads)
     profile = PROFILES[args.profile]
     result = run_profile(profile, Path(args.work), args.seeds or profile.seeds, args.threads, args.data,
-                         args.la_source, args.arms, args.finetune_iterations, args.out_name)
+                         args.la_source, args.arms, args.finetune_iterations, args.out_name, retrain)
     print(markdown(result))
     return 0
 

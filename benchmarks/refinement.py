@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.simulated_clinician import STRATEGIES, DataSetTruth, SimulatedClinician
+from training.retrain import RetrainSchedule
 
 # arm name -> (review strategy, how the correction is submitted)
 ARMS = {
@@ -59,7 +60,8 @@ class LoopError(RuntimeError):
 
 
 def finetune_params(iterations: int = 60) -> dict:
-    """POST /train parameters of a retrain after a round of corrections.
+    """POST /train parameters of a fixed-length retrain after a round of corrections (the loop's retrain before the
+    worker sized retrains to what changed; kept for `--finetune-iterations` comparisons).
 
     A gentle fine-tune: a low constant learning rate and the EMA teacher's weights published (eval_model="teacher"),
     because a short fine-tune of the student at the teacher's learning rate moves test Dice from seed to seed by more
@@ -74,7 +76,9 @@ class LoopConfig:
 
     arms: names from ARMS. rounds R, cases_per_round K, budget_fraction: reviewed voxels per case / case voxels.
     n_labeled: train cases with a final label at the start (plus the whole val split, for model selection).
-    teacher / finetune: POST /train parameters of the first model and of each retrain (fine-tune from current).
+    teacher / finetune: POST /train parameters of the first model and of each retrain (fine-tune from current);
+    finetune {} leaves the retrain to the worker's schedule, as the Slicer panel does. retrain: the datastore's
+    "retrain" settings (training/retrain.py, RetrainSchedule), which size a retrain the request leaves open.
     infer: POST /infer options for the clinician. eval_passes: MC passes of the test evaluation (the server's default
     so the test maps are the ones a clinician sees). threads: torch threads of worker, server and evaluation.
     """
@@ -86,7 +90,8 @@ class LoopConfig:
     n_labeled: int = 4
     teacher: dict = field(default_factory=lambda: {"method": "brl", "iterations": 300, "lr": 0.02, "lr_schedule": "poly",
                                                    "val_interval": 100})
-    finetune: dict = field(default_factory=lambda: finetune_params(60))
+    finetune: dict = field(default_factory=dict)
+    retrain: dict = field(default_factory=lambda: RetrainSchedule().to_dict())
     infer: dict = field(default_factory=lambda: {"passes": 8})
     eval_passes: int = 8
     threads: int = 2
@@ -272,6 +277,7 @@ def prepare_base(data_dir: Path, base_dir: Path, cfg: LoopConfig, console: Conso
     if base_dir.exists():
         raise LoopError(f"{base_dir} already exists; the loop needs a fresh datastore folder")
     store = Datastore(base_dir, create=True)
+    store.update_settings({"retrain": cfg.retrain})
     counts = import_folder(store, data_dir, labels=f"train:{cfg.n_labeled}")
     summary = store.summary()
     store.close()
@@ -345,7 +351,7 @@ def run_arm(arm: str, base_dir: Path, arm_dir: Path, data_dir: Path, cfg: LoopCo
                 "reviewed_voxels": int(sum(v["spent"] for v in reviews)),
                 "edited_voxels": int(sum(v["edited"] for v in reviews)),
                 "job": {k: res.get(k) for k in ("model_version", "promoted", "reason", "val_dice", "parent_val_dice",
-                                                 "train_seconds", "n_scored", "best_step")},
+                                                 "train_seconds", "n_scored", "best_step", "iterations", "retrain")},
                 # Of the model now current: the retrained one if promoted, else its parent (the worker measures both
                 # on every correction in the training set).
                 "retention": (res.get("retention") if res.get("promoted") else res.get("parent_retention") or {}

@@ -58,6 +58,7 @@ from SSLSegmentLib.data.imageio import (
     write_volume,
     writer_tag,
 )
+from training.retrain import RetrainSchedule
 
 SCHEMA_VERSION = 2
 INDEX_DIR = ".sslsegment"
@@ -100,6 +101,9 @@ DEFAULT_SETTINGS = {
         "device": "auto",
         "nproc": 1,
     },
+    # How a job that fine-tunes a published model is sized (training/retrain.py, RetrainSchedule): its iterations,
+    # learning rate and published weights, where the request does not name them.
+    "retrain": RetrainSchedule().to_dict(),
     # Defaults of POST /cases/{id}/infer.
     "infer": {"passes": 8, "threshold": 0.5, "min_voxels": 8, "max_regions": 50,
               "uncertainty": contract.DEFAULT_UNCERTAINTY},
@@ -214,6 +218,11 @@ def _check_setting(key: str, value) -> None:
     if isinstance(default, dict):
         if not isinstance(value, dict):
             raise InvalidInput(f"setting {key!r} is a group of settings (an object), got {value!r}")
+        if key == "retrain":
+            try:
+                RetrainSchedule.from_settings({**default, **value})
+            except (TypeError, ValueError) as exc:
+                raise InvalidInput(f"setting 'retrain': {exc}") from None
         return
     if isinstance(default, bool) or isinstance(default, str):
         if type(value) is not type(default):

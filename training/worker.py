@@ -40,6 +40,7 @@ from SSLSegmentLib.review.local_backend import free_port, kill_group, process_gr
 from training.datastore import Conflict, Damaged, Datastore, InvalidInput
 from training.jobs import JobFailed, build_train_config, resolve_train_params
 from training.registry import ModelRegistry, promotion_decision
+from training.retrain import RetrainSchedule, scheduled_params
 from training.strategies import record_score
 from training.training_set import corrected_samples, load_training_set, training_snapshot
 
@@ -254,8 +255,14 @@ class Worker:
         init_version = parent if params["init"] == "current" else (None if params["init"] == "scratch" else params["init"])
         init_path = registry.checkpoint_path(init_version) if init_version else None
         init_ckpt = load_checkpoint(init_path) if init_path else None
-        config = build_train_config(params, init_ckpt)
         snapshot = training_snapshot(store)
+        retrain = None
+        if init_version is not None:  # a fine-tune: sized to what changed since the model it starts from
+            given = {k for k, v in (job["params"] or {}).items() if v is not None}
+            params, retrain = scheduled_params(RetrainSchedule.from_settings(store.settings["retrain"]), params,
+                                               given, snapshot["train"],
+                                               registry.model(init_version)["trained_on"].get("revisions", []))
+        config = build_train_config(params, init_ckpt)
         n_lab = sum(1 for revs in snapshot["train"].values() if revs)
         if n_lab == 0:
             raise JobFailed("no labeled or corrected training case yet: submit a final label or a correction first")
@@ -302,7 +309,7 @@ class Worker:
                    "trainer_best_val_dice": _finite(fit.get("best_val_dice")), "best_step": fit.get("best_step"),
                    "final_loss": _finite(fit.get("final_loss")), "train_seconds": round(train_s, 2),
                    "iterations": config.iterations, "nproc": nproc, "val_dice_per_case": new_scores,
-                   "promotion": comparison, "retention": kept, "parent_retention": parent_kept}
+                   "promotion": comparison, "retention": kept, "parent_retention": parent_kept, "retrain": retrain}
         store.update_progress(job_id, {"phase": "publishing", "step": config.iterations, "iterations": config.iterations})
         model = registry.add_version(best, {
             "parent": parent, "init": init_version, "method": config.method, "metrics": metrics,
@@ -331,6 +338,7 @@ class Worker:
                 "train_seconds": round(train_s, 2), "n_scored": n_scored, "scoring_errors": scoring_errors,
                 "history": fit.get("history", []),
                 "retention": kept, "parent_retention": parent_kept, "promotion": comparison,
+                "iterations": config.iterations, "retrain": retrain,
                 "ranks": fit.get("ranks", [])}
 
     def _fit_local(self, job_id, config, snapshot, init_path, scratch, cancel) -> dict:

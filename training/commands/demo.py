@@ -29,7 +29,8 @@ def register(sub) -> None:
     p.add_argument("--budget", type=float, default=0.02, help="share of a case's voxels the clinician reviews (0.02 = 2%%)")
     p.add_argument("--labeled", type=int, default=4, help="train cases labeled at the start")
     p.add_argument("--teacher-iterations", type=int, default=300)
-    p.add_argument("--finetune-iterations", type=int, default=60)
+    p.add_argument("--finetune-iterations", type=int, default=None,
+                   help="a fixed retrain length (default: the worker's schedule, sized to the round's corrections)")
     p.add_argument("--arms", nargs="+", default=["uncertainty", "random", "oracle", "none"],
                    help="strategies to compare (uncertainty random boundary oracle none uncertainty-full-label)")
     # One thread by default: the loop runs one thing at a time, and on a small machine that is also busy a second
@@ -65,7 +66,7 @@ def cmd_demo(args) -> int:
         n_labeled=args.labeled,
         teacher={"method": "brl", "iterations": args.teacher_iterations, "lr": 0.02, "lr_schedule": "poly",
                  "val_interval": max(1, args.teacher_iterations // 3)},
-        finetune=finetune_params(args.finetune_iterations),
+        finetune=finetune_params(args.finetune_iterations) if args.finetune_iterations else {},
         threads=args.threads, seed=args.seed,
     )
     torch.set_num_threads(args.threads)
@@ -87,8 +88,9 @@ def cmd_demo(args) -> int:
     console(f"[2/4] backend on 127.0.0.1 and a brl teacher from {args.labeled} labeled cases "
             f"({args.teacher_iterations} iterations)")
     console(f"[3/4] {args.rounds} rounds × {args.cases_per_round} cases × {len(cfg.arms)} strategies "
-            f"({', '.join(cfg.arms)}); review budget {100 * args.budget:g} % of each case; retrain "
-            f"{args.finetune_iterations} iterations after each round")
+            f"({', '.join(cfg.arms)}); review budget {100 * args.budget:g} % of each case; after each round a retrain "
+            + (f"of {args.finetune_iterations} iterations" if args.finetune_iterations else
+               "sized to the round's corrections (the worker's schedule)"))
     try:
         result = run_loop(data, out / "work", cfg, console)
     except LoopError as exc:
