@@ -54,6 +54,14 @@ def test_a_bad_retrain_setting_is_refused_and_the_settings_stay(tmp_path, bad, m
     assert store.settings["retrain"] == before == RetrainSchedule().to_dict()
 
 
+def test_a_retrain_setting_is_checked_with_the_ones_already_stored(tmp_path):
+    store = Datastore(tmp_path / "store", create=True)
+    store.update_settings({"retrain": {"base_iterations": 200}})
+    with pytest.raises(InvalidInput, match=r"max_iterations \(150\) is below base_iterations \(200\)"):
+        store.update_settings({"retrain": {"max_iterations": 150}})
+    assert store.settings["retrain"]["base_iterations"] == 200 and store.settings["retrain"]["max_iterations"] == 600
+
+
 def _correct(store: Datastore, case_id: str, version: str) -> int:
     grid = store.grid(case_id)
     mask = np.zeros(grid.shape, np.uint8)

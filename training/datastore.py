@@ -218,11 +218,6 @@ def _check_setting(key: str, value) -> None:
     if isinstance(default, dict):
         if not isinstance(value, dict):
             raise InvalidInput(f"setting {key!r} is a group of settings (an object), got {value!r}")
-        if key == "retrain":
-            try:
-                RetrainSchedule.from_settings({**default, **value})
-            except (TypeError, ValueError) as exc:
-                raise InvalidInput(f"setting 'retrain': {exc}") from None
         return
     if isinstance(default, bool) or isinstance(default, str):
         if type(value) is not type(default):
@@ -568,6 +563,10 @@ class Datastore:
             _check_setting(key, value)
         with self.transaction() as db:
             merged = _merge(_merge(DEFAULT_SETTINGS, self.get_meta(db, "settings", {})), changes)
+            try:  # the group as it would be stored: a field may only be wrong together with another one
+                RetrainSchedule.from_settings(merged["retrain"])
+            except (TypeError, ValueError) as exc:
+                raise InvalidInput(f"setting 'retrain': {exc}") from None
             self.set_meta(db, "settings", merged)
         return merged
 
