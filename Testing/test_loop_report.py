@@ -43,3 +43,36 @@ def test_the_aggregate_holds_per_seed_gains_retention_and_the_effort_curve():
     assert "| whole-case labeling (most uncertain case, final label) | 0 → 70.00 | 3000 → 74.00 | 6000 → 76.00 |" in text
     guided_row = next(line for line in text.splitlines() if line.startswith("| uncertainty-guided (ours) | 0 →"))
     assert "97.0" in guided_row and "+2.00, +4.00" in guided_row
+
+
+def _result(seeds, guided=0.73, config=None):
+    runs = [{**_run(s, guided), "cpu_seconds": 10.0} for s in seeds]
+    return {"profile": "quick", "description": "d", "seeds": seeds, "runs": runs, "aggregate": aggregate(runs),
+            "seconds": 5.0 * len(seeds), "cpu_seconds": 10.0 * len(seeds),
+            "config": config or {"rounds": 2, "finetune": {}, "teacher": {}},
+            "environment": {"machine": "x86_64", "processor": "x86_64", "cpu_threads": 1, "device": "cpu",
+                            "python": "3", "torch": "2", "monai": "1", "date": "today"}}
+
+
+def test_merging_seed_groups_run_side_by_side_gives_the_aggregate_of_all_their_seeds(tmp_path, monkeypatch):
+    import json
+
+    import benchmarks.loop as loop
+
+    monkeypatch.setattr(loop, "RESULTS", tmp_path)
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(_result([2])))
+    b.write_text(json.dumps(_result([0, 1], guided=0.75)))
+    merged = loop.merge([a, b], "both")
+    assert merged["seeds"] == [0, 1, 2] and merged["aggregate"]["n_seeds"] == 3
+    assert merged["aggregate"]["arms"]["uncertainty"]["gain_vs_none_per_seed"] == pytest.approx([0.04, 0.04, 0.02])
+    assert merged["seconds"] == 10.0 and merged["cpu_seconds"] == 30.0
+    assert json.loads((tmp_path / "both.json").read_text())["seeds"] == [0, 1, 2]
+    assert "the longest of 2 invocations run side by side" in (tmp_path / "both.md").read_text()
+
+    b.write_text(json.dumps(_result([0, 2])))
+    with pytest.raises(ValueError, match="seed 2 is in two of the files"):
+        loop.merge([a, b], "both")
+    b.write_text(json.dumps(_result([0], config={"rounds": 4, "finetune": {}, "teacher": {}})))
+    with pytest.raises(ValueError, match="another loop configuration"):
+        loop.merge([a, b], "both")
