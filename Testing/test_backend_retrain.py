@@ -24,7 +24,7 @@ def test_the_schedule_grows_with_the_new_cases_up_to_its_cap():
     s = RetrainSchedule(base_iterations=60, per_new_case=60, max_iterations=600)
     assert [s.plan(n)["iterations"] for n in (0, 1, 2, 9, 10, 50)] == [60, 120, 180, 600, 600, 600]
     p = s.plan(2)
-    assert p["lr"] == 0.01 and p["lr_schedule"] == "poly" and p["eval_model"] == "teacher"
+    assert p["lr"] == 0.01 and p["lr_schedule"] == "poly" and p["eval_model"] == "student"
     assert p["val_interval"] == 90  # two validations per run
     with pytest.raises(ValueError, match="new_cases"):
         s.plan(-1)
@@ -96,14 +96,14 @@ def test_a_fine_tune_runs_the_schedule_sized_to_what_changed_and_a_request_keeps
     m = second["metrics"]
     assert second["parent"] == first["version"] and m["retrain"]["new_cases"] == 2
     assert m["iterations"] == 4 + 2 * 3  # not settings.train's 20
-    assert m["retrain"]["applied"]["lr"] == 0.005 and m["retrain"]["applied"]["eval_model"] == "teacher"
+    assert m["retrain"]["applied"]["lr"] == 0.005 and m["retrain"]["applied"]["eval_model"] == "student"
     assert second["trained_on"]["revisions"] != first["trained_on"]["revisions"]
 
     third = _run(store, {})  # nothing new since the second
     assert third["metrics"]["retrain"]["new_cases"] == 0 and third["metrics"]["iterations"] == 4
 
-    teacher_kept = _run(store, {"eval_model": "student"})  # one parameter named: the schedule sizes the rest
-    assert teacher_kept["metrics"]["iterations"] == 4 and _params(store, teacher_kept)["eval_model"] == "student"
+    teacher_kept = _run(store, {"eval_model": "teacher"})  # one parameter named: the schedule sizes the rest
+    assert teacher_kept["metrics"]["iterations"] == 4 and _params(store, teacher_kept)["eval_model"] == "teacher"
     assert teacher_kept["metrics"]["retrain"]["kept_from_request"] == ["eval_model"]
     assert "eval_model" not in teacher_kept["metrics"]["retrain"]["applied"]
 
@@ -111,7 +111,7 @@ def test_a_fine_tune_runs_the_schedule_sized_to_what_changed_and_a_request_keeps
     r = own["metrics"]["retrain"]
     assert own["metrics"]["iterations"] == 7 and r["kept_from_request"] == ["iterations", "lr"]
     assert r["applied"] == {} and r["schedule"] is None
-    assert "eval_model" not in _params(store, own)  # TrainConfig's student, not the schedule's teacher
+    assert "lr_schedule" not in _params(store, own)  # TrainConfig's constant rate, not the schedule's poly
 
     for cid in store.unreviewed("train")[:5]:
         _correct(store, cid, own["version"])
