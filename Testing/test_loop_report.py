@@ -76,3 +76,11 @@ def test_merging_seed_groups_run_side_by_side_gives_the_aggregate_of_all_their_s
     b.write_text(json.dumps(_result([0], config={"rounds": 4, "finetune": {}, "teacher": {}})))
     with pytest.raises(ValueError, match="another loop configuration"):
         loop.merge([a, b], "both")
+
+
+def test_the_report_says_how_its_retrains_were_sized():
+    from benchmarks.report import retrain_words
+
+    assert retrain_words({"finetune": {"iterations": 60, "lr": 0.003}}) == "fine-tune, 60 iterations"
+    words = retrain_words({"finetune": {}})
+    assert "None" not in words and "worker's schedule" in words

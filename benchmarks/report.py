@@ -295,6 +295,14 @@ def _num(v, fmt="{:.3f}"):
     return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else fmt.format(v)
 
 
+def retrain_words(cfg: dict) -> str:
+    """How the loop's retrains were sized: by the request (a fixed length) or by the worker's schedule."""
+    n = (cfg.get("finetune") or {}).get("iterations")
+    if n:
+        return f"fine-tune, {n} iterations"
+    return "fine-tune sized by the worker's schedule to the round's corrections"
+
+
 def markdown(result: dict, pictures: dict) -> str:
     s, cfg, env = result["summary"], result["config"], result["environment"]
     arms = s["arms"]
@@ -307,8 +315,7 @@ def markdown(result: dict, pictures: dict) -> str:
         f"Teacher `{result['teacher']['version']}` (brl) trained on the backend. Then {rounds} rounds of: the simulated "
         f"clinician takes {cfg['cases_per_round']} case(s) from `GET /cases/next?strategy=uncertainty`, reviews at most "
         f"{100 * cfg['budget_fraction']:g} % of each case's voxels, replaces the model's segmentation by the truth "
-        f"there and submits a correction; the backend retrains (fine-tune, {cfg['finetune'].get('iterations')} "
-        f"iterations) and promotes the new version if validation does not drop. Every strategy starts from the same "
+        f"there and submits a correction; the backend retrains ({retrain_words(cfg)}) and promotes the new version if validation does not drop. Every strategy starts from the same "
         f"teacher and spends the same reviewed voxels per case.",
         "",
     ]
@@ -328,7 +335,7 @@ def markdown(result: dict, pictures: dict) -> str:
                          f"{_num(_scaled(g['gain_vs_none_per_1000']), '{:+.3f}')} % points guided vs "
                          f"{_num(_scaled(r['gain_vs_none_per_1000']), '{:+.3f}')} random"
                          + (f" (×{ratios['gain_vs_none_per_1000']:.1f})" if ratios.get("gain_vs_none_per_1000") else "")
-                         + f". One run: a {cfg['finetune'].get('iterations')}-iteration retrain with promotion on a few "
+                         + f". One run: a retrain ({retrain_words(cfg)}) with promotion on a few "
                          "validation cases moves test Dice by 1-2 points on its own, so read this line over several "
                          "seeds (`make bench-loop`; docs/refinement.md, \"Results\").")
         det0, det1 = s["teacher_error_detection"], g["error_detection_final"]
