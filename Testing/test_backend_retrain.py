@@ -42,7 +42,8 @@ def test_new_cases_are_those_with_a_revision_the_parent_did_not_train_on():
     ({"lr": float("nan")}, "lr must be a finite number > 0"),
     ({"per_new_case": 2.5}, "per_new_case must be an integer"),
     ({"base_iterations": 100, "max_iterations": 50}, "is below base_iterations"),
-    ({"eval_model": "both"}, "eval_model must be student or teacher"),
+    ({"eval_model": "both"}, "eval_model must be one of student, teacher"),
+    ({"lr_schedule": "cosine"}, "lr_schedule must be one of constant, step, poly"),
     ({"ema_decay": 1.0}, "ema_decay must be in"),
     ({"iterations": 100}, "unknown retrain setting"),
 ])

@@ -84,3 +84,13 @@ def test_the_report_says_how_its_retrains_were_sized():
     assert retrain_words({"finetune": {"iterations": 60, "lr": 0.003}}) == "fine-tune, 60 iterations"
     words = retrain_words({"finetune": {}})
     assert "None" not in words and "worker's schedule" in words
+
+
+def test_the_loops_retrain_options_parse_as_json_and_are_checked_by_the_schedule():
+    from benchmarks.loop import retrain_options
+
+    assert retrain_options(["per_new_case=90", "eval_model=teacher"]) == {"per_new_case": 90, "eval_model": "teacher"}
+    with pytest.raises(ValueError, match="expected KEY=VALUE"):
+        retrain_options(["per_new_case"])
+    with pytest.raises(ValueError, match="unknown retrain setting"):
+        retrain_options(["iterations=5"])

@@ -436,16 +436,10 @@ def _retrain_sentence(cfg: dict) -> str:
 
 
 def retrain_options(pairs: list[str]) -> dict:
-    """KEY=VALUE pairs (JSON values) checked against RetrainSchedule; ValueError names the bad one."""
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--retrain takes KEY=VALUE, got {pair!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
+    """--retrain KEY=VALUE pairs (JSON values) checked against RetrainSchedule; ValueError names the bad one."""
+    from training.commands import parse_key_values
+
+    out = parse_key_values(pairs)
     RetrainSchedule.from_settings(out)
     return out
 

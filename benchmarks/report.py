@@ -315,8 +315,9 @@ def markdown(result: dict, pictures: dict) -> str:
         f"Teacher `{result['teacher']['version']}` (brl) trained on the backend. Then {rounds} rounds of: the simulated "
         f"clinician takes {cfg['cases_per_round']} case(s) from `GET /cases/next?strategy=uncertainty`, reviews at most "
         f"{100 * cfg['budget_fraction']:g} % of each case's voxels, replaces the model's segmentation by the truth "
-        f"there and submits a correction; the backend retrains ({retrain_words(cfg)}) and promotes the new version if validation does not drop. Every strategy starts from the same "
-        f"teacher and spends the same reviewed voxels per case.",
+        f"there and submits a correction; the backend retrains ({retrain_words(cfg)}) and promotes the new version "
+        f"if validation does not drop. Every strategy starts from the same teacher and spends the same reviewed "
+        f"voxels per case.",
         "",
     ]
     g = arms.get("uncertainty")

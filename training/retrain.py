@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
+from SSLSegmentLib.ml.train_options import EVAL_MODELS, LR_SCHEDULES
+
 # The job parameters a schedule decides; one the request names keeps the request's value.
 SCHEDULED = ("iterations", "lr", "lr_schedule", "eval_model", "ema_decay", "val_interval")
 
@@ -45,10 +47,10 @@ class RetrainSchedule:
         if not (isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool) and math.isfinite(self.lr)
                 and self.lr > 0):
             raise ValueError(f"retrain lr must be a finite number > 0, got {self.lr!r}")
-        if self.lr_schedule not in ("constant", "poly", "step"):
-            raise ValueError(f"retrain lr_schedule must be constant, poly or step, got {self.lr_schedule!r}")
-        if self.eval_model not in ("student", "teacher"):
-            raise ValueError(f"retrain eval_model must be student or teacher, got {self.eval_model!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"retrain lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.eval_model not in EVAL_MODELS:
+            raise ValueError(f"retrain eval_model must be one of {', '.join(EVAL_MODELS)}, got {self.eval_model!r}")
         if not (isinstance(self.ema_decay, (int, float)) and not isinstance(self.ema_decay, bool)
                 and 0 <= self.ema_decay < 1):
             raise ValueError(f"retrain ema_decay must be in [0, 1), got {self.ema_decay!r}")
@@ -97,9 +99,8 @@ def scheduled_params(schedule: RetrainSchedule, params: dict, given: set, snapsh
                               "kept_from_request": sorted(k for k in SCHEDULED if k in given)}
     plan = schedule.plan(len(changed))
     applied = {k: plan[k] for k in SCHEDULED if k not in given}
-    out = {**params, **applied}
-    out["val_interval"] = min(int(out["val_interval"]), int(out["iterations"]))
-    return out, {"new_cases": len(changed), "schedule": schedule.to_dict(), "applied": applied,
+    # A val_interval the request gave beyond the scheduled iterations is clamped by build_train_config.
+    return {**params, **applied}, {"new_cases": len(changed), "schedule": schedule.to_dict(), "applied": applied,
                  "kept_from_request": sorted(k for k in SCHEDULED if k in given)}
 
 

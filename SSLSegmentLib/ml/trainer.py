@@ -27,6 +27,7 @@ from SSLSegmentLib.ml.methods.copy_paste import BidirectionalCopyPaste, labeled_
 from SSLSegmentLib.ml.methods.losses import sigmoid_rampup
 from SSLSegmentLib.ml.metrics import dice
 from SSLSegmentLib.ml.networks import NetworkConfig, SegNet, build_network
+from SSLSegmentLib.ml.train_options import EVAL_MODELS, LR_SCHEDULES
 
 __all__ = [
     "PatchSampler",
@@ -90,10 +91,10 @@ class TrainConfig:
         self.patch_size = tuple(int(p) for p in self.patch_size)
         if isinstance(self.network, NetworkConfig):
             self.network = self.network.to_dict()
-        if self.lr_schedule not in ("constant", "step", "poly"):
-            raise ValueError(f"lr_schedule must be constant, step or poly; got {self.lr_schedule!r}")
-        if self.eval_model not in ("student", "teacher"):
-            raise ValueError(f"eval_model must be student or teacher; got {self.eval_model!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}; got {self.lr_schedule!r}")
+        if self.eval_model not in EVAL_MODELS:
+            raise ValueError(f"eval_model must be one of {', '.join(EVAL_MODELS)}; got {self.eval_model!r}")
         if self.iterations < 1 or self.batch_labeled < 1 or self.batch_unlabeled < 0:
             raise ValueError("iterations and batch_labeled must be >= 1, batch_unlabeled >= 0")
         if not 0 <= self.pretrain_iterations < self.iterations:
