@@ -41,15 +41,29 @@ class Profile:
     loop: dict
     seeds: list = field(default_factory=lambda: [0])
     out_name: str = "loop"
+    val_phantoms: int = 4
 
 
-def _phantoms(work: Path, seed: int) -> Path:
+def _phantoms(work: Path, seed: int, n_val: int = 4) -> Path:
+    """24 train / `n_val` val / 6 test phantoms of `seed`. Validation phantoms beyond the first 4 are drawn after the
+    test ones, so the train and test cases stay those of the 4-case runs and results stay paired across them."""
     from SSLSegmentLib.data.phantoms import PhantomConfig, write_phantom_dataset
 
-    out = work / f"loop-phantoms-24-4-6-s{seed}"
-    if not (out / "dataset.json").is_file():
-        shutil.rmtree(out, ignore_errors=True)
-        write_phantom_dataset(out, 24, 4, 6, PhantomConfig(), seed=seed)
+    if n_val < 4:
+        raise ValueError(f"the loop's phantom split needs at least 4 validation cases, got {n_val}")
+    out = work / f"loop-phantoms-24-{n_val}-6-s{seed}"
+    if (out / "dataset.json").is_file():
+        return out
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_phantom_dataset(tmp, 24, 4, 6 + n_val - 4, PhantomConfig(), seed=seed)
+    meta = json.loads((tmp / "dataset.json").read_text())
+    rest = meta["splits"]["test"]
+    meta["splits"]["val"] += rest[6:]
+    meta["splits"]["test"] = rest[:6]
+    (tmp / "dataset.json").write_text(json.dumps(meta, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
     return out
 
 
@@ -70,13 +84,15 @@ def _la(work: Path, source: str | None) -> Path:
 PROFILES = {
     "quick": Profile(
         name="quick",
-        description="phantoms 24 train (4 labeled) / 4 val / 6 test at 40×64×64 per seed, default UNet, brl teacher "
+        description="phantoms 24 train (4 labeled) / 10 val / 6 test at 40×64×64 per seed, default UNet, brl teacher "
                     "300 iterations; 4 rounds × 2 cases, 2 % review budget per case, retrains sized by the worker's schedule",
         loop=dict(arms=MAIN_ARMS, rounds=4, cases_per_round=2, budget_fraction=0.02, n_labeled=4,
                   teacher={"method": "brl", "iterations": 300, "lr": 0.02, "lr_schedule": "poly", "val_interval": 100},
                   finetune={}),
         seeds=[0, 1, 2],
         out_name="loop",
+        # 4 validation phantoms could not tell a retrain that fixes one case a lot from harm (docs/refinement.md).
+        val_phantoms=10,
     ),
     "la": Profile(
         name="la",
@@ -393,7 +409,7 @@ def _run_record(seed: int, data: Path, res: dict) -> dict:
 
 def run_profile(profile: Profile, work: Path, seeds: list[int], threads: int, data: str | None = None,
                 la_source: str | None = None, arms: list[str] | None = None, finetune_iterations: int | None = None,
-                out_name: str | None = None, retrain: dict | None = None) -> dict:
+                out_name: str | None = None, retrain: dict | None = None, finetune: dict | None = None) -> dict:
     """Every seed of `profile`; each invocation trains under WORK/loop/<result name>/, so two side by side with
     other result names never share (or delete) each other's datastores."""
     from benchmarks.experiment import environment
@@ -404,12 +420,14 @@ def run_profile(profile: Profile, work: Path, seeds: list[int], threads: int, da
         if profile.name == "la":
             folder = Path(data) if data else _la(work, la_source)
         else:
-            folder = Path(data) if data else _phantoms(work, seed)
+            folder = Path(data) if data else _phantoms(work, seed, profile.val_phantoms)
         loop = dict(profile.loop)
         if arms:
             loop["arms"] = arms
         if finetune_iterations is not None:
             loop["finetune"] = {**loop["finetune"], **finetune_params(finetune_iterations)}
+        if finetune:
+            loop["finetune"] = {**loop["finetune"], **finetune}
         if retrain:
             loop["retrain"] = {**loop.get("retrain", RetrainSchedule().to_dict()), **retrain}
         cfg = LoopConfig(**loop, seed=seed, threads=threads)
@@ -430,9 +448,11 @@ def run_profile(profile: Profile, work: Path, seeds: list[int], threads: int, da
 def _retrain_sentence(cfg: dict) -> str:
     """What each retrain ran: the request's fixed parameters, or the worker's schedule with the iterations it chose
     (results written before the schedule carry no "retrain" and are described by their request alone)."""
-    if cfg.get("finetune") or "retrain" not in cfg:
-        return f"{json.dumps(cfg.get('finetune', {}))} (fixed by the request)."
-    return f"the worker's schedule {json.dumps(cfg['retrain'])} (training/retrain.py)."
+    finetune = cfg.get("finetune", {})
+    if "retrain" not in cfg or {"iterations", "lr"} & set(finetune):
+        return f"{json.dumps(finetune)} (fixed by the request)."
+    extra = f", with the request's {json.dumps(finetune)}" if finetune else ""
+    return f"the worker's schedule {json.dumps(cfg['retrain'])} (training/retrain.py){extra}."
 
 
 def retrain_options(pairs: list[str]) -> dict:
@@ -441,6 +461,19 @@ def retrain_options(pairs: list[str]) -> dict:
 
     out = parse_key_values(pairs)
     RetrainSchedule.from_settings(out)
+    return out
+
+
+def finetune_options(pairs: list[str]) -> dict:
+    """--finetune KEY=VALUE pairs → retrain request parameters; ValueError names a parameter POST /train does not
+    take (the server checks the values)."""
+    from training.commands import parse_key_values
+    from training.jobs import PARAM_BY_NAME
+
+    out = parse_key_values(pairs)
+    unknown = sorted(set(out) - set(PARAM_BY_NAME))
+    if unknown:
+        raise ValueError(f"unknown training parameter(s) {unknown}; known: {sorted(PARAM_BY_NAME)}")
     return out
 
 
@@ -460,6 +493,9 @@ def main(argv=None) -> int:
                     help="iterations of each retrain (default: the profile's); the rest of the retrain as the profile's")
     ap.add_argument("--retrain", nargs="+", default=[], metavar="KEY=VALUE",
                     help="the datastore's retrain schedule fields, e.g. per_new_case=90 lr=0.005 (JSON values)")
+    ap.add_argument("--finetune", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="POST /train parameters of every retrain, e.g. reviewed_patch_share=0.9 (JSON values); "
+                         "without iterations or lr the worker's schedule still sizes the run")
     ap.add_argument("--out-name", default=None, help="result file name (default: the profile's)")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="only combine the seeds of result files of the same loop into --out-name (no training)")
@@ -472,6 +508,7 @@ def main(argv=None) -> int:
         return 0
     try:
         retrain = retrain_options(args.retrain)
+        finetune = finetune_options(args.finetune)
     except ValueError as exc:
         ap.error(str(exc))
     if args.render:
@@ -480,7 +517,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     profile = PROFILES[args.profile]
     result = run_profile(profile, Path(args.work), args.seeds or profile.seeds, args.threads, args.data,
-                         args.la_source, args.arms, args.finetune_iterations, args.out_name, retrain)
+                         args.la_source, args.arms, args.finetune_iterations, args.out_name, retrain, finetune)
     print(markdown(result))
     return 0
 
