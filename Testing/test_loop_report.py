@@ -94,3 +94,34 @@ def test_the_loops_retrain_options_parse_as_json_and_are_checked_by_the_schedule
         retrain_options(["per_new_case"])
     with pytest.raises(ValueError, match="unknown retrain setting"):
         retrain_options(["iterations=5"])
+
+
+def test_the_loops_finetune_options_are_training_parameters_and_keep_the_schedule_in_the_report():
+    from benchmarks.loop import _retrain_sentence, finetune_options
+
+    assert finetune_options(["reviewed_patch_share=0.9"]) == {"reviewed_patch_share": 0.9}
+    with pytest.raises(ValueError, match="unknown training parameter"):
+        finetune_options(["per_new_case=90"])
+    schedule = {"base_iterations": 60}
+    sized = _retrain_sentence({"finetune": {"reviewed_patch_share": 0.9}, "retrain": schedule})
+    assert "worker's schedule" in sized and "reviewed_patch_share" in sized
+    assert "fixed by the request" in _retrain_sentence({"finetune": {"iterations": 60}, "retrain": schedule})
+    assert "worker's schedule" in _retrain_sentence({"finetune": {}, "retrain": schedule})
+
+
+def test_extra_validation_phantoms_leave_the_train_and_test_cases_of_the_four_case_split(tmp_path, monkeypatch):
+    import json
+
+    import SSLSegmentLib.data.phantoms as phantoms
+    from benchmarks.loop import _phantoms
+
+    small = phantoms.PhantomConfig(shape=(8, 16, 16))
+    monkeypatch.setattr(phantoms, "PhantomConfig", lambda: small)
+    four, ten = _phantoms(tmp_path, 3, 4), _phantoms(tmp_path, 3, 10)
+    s4 = json.loads((four / "dataset.json").read_text())["splits"]
+    s10 = json.loads((ten / "dataset.json").read_text())["splits"]
+    assert (s10["train"], s10["test"]) == (s4["train"], s4["test"])
+    assert len(s10["val"]) == 10 and s10["val"][:4] == s4["val"] and not set(s10["val"]) & set(s10["test"])
+    for case in s4["test"]:  # the same volumes, not only the same names
+        assert (ten / f"{case}.nrrd").read_bytes() == (four / f"{case}.nrrd").read_bytes()
+    assert not list(tmp_path.glob("*.partial"))
