@@ -71,11 +71,45 @@ def test_merging_seed_groups_run_side_by_side_gives_the_aggregate_of_all_their_s
     assert "the longest of 2 invocations run side by side" in (tmp_path / "both.md").read_text()
 
     b.write_text(json.dumps(_result([0, 2])))
-    with pytest.raises(ValueError, match="seed 2 is in two of the files"):
+    with pytest.raises(ValueError, match="seed 2 is in two of the files with the same arm"):
         loop.merge([a, b], "both")
     b.write_text(json.dumps(_result([0], config={"rounds": 4, "finetune": {}, "teacher": {}})))
     with pytest.raises(ValueError, match="another loop configuration"):
         loop.merge([a, b], "both")
+
+
+def test_merging_arm_groups_of_one_seed_recomputes_the_gains_beyond_retraining(tmp_path, monkeypatch):
+    import json
+
+    import benchmarks.loop as loop
+
+    monkeypatch.setattr(loop, "RESULTS", tmp_path)
+    guided_only, rest = _result([0, 1]), _result([0, 1])
+    for res, keep in ((guided_only, {"uncertainty"}), (rest, {"none", "whole_case"})):
+        res["config"]["arms"] = sorted(keep)
+        for run in res["runs"]:
+            run["summary"]["arms"] = {a: v for a, v in run["summary"]["arms"].items() if a in keep}
+            run["summary"]["arms"].get("uncertainty", {})["gain_vs_none"] = None  # its run had no none arm
+            run["seconds"], run["data"] = 3.0, f"phantoms-s{run['seed']}"
+    for run in rest["runs"]:
+        run["summary"]["arms"]["none"]["dice"][-1] = 0.72
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(guided_only))
+    b.write_text(json.dumps(rest))
+    merged = loop.merge([a, b], "joined")
+    assert merged["config"]["arms"] == ["uncertainty", "none", "whole_case"]
+    guided = merged["aggregate"]["arms"]["uncertainty"]
+    assert guided["gain_vs_none_per_seed"] == pytest.approx([0.01, 0.01])  # 0.73 against the other file's 0.72
+    assert merged["runs"][0]["seconds"] == 6.0 and merged["runs"][0]["cpu_seconds"] == 20.0
+
+    rest["runs"][1]["summary"]["teacher_dice"] = 0.69
+    b.write_text(json.dumps(rest))
+    with pytest.raises(ValueError, match="seed 1 started from another teacher"):
+        loop.merge([a, b], "joined")
+    rest["runs"] = rest["runs"][:1]
+    b.write_text(json.dumps(rest))
+    with pytest.raises(ValueError, match="different arms after merging"):
+        loop.merge([a, b], "joined")
 
 
 def test_the_report_says_how_its_retrains_were_sized():

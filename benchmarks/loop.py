@@ -351,26 +351,66 @@ def render(json_path: str | Path) -> Path:
     return path.with_suffix(".md")
 
 
+def _join_arms(seed: int, parts: list[dict], paths: list) -> dict:
+    """One run record of a seed whose arms ran in several invocations: the same teacher (checked by its test Dice
+    and the data folder), disjoint arms; gains beyond retraining and the guided / random ratios are recomputed
+    against the joined arms, as summarize computes them within one run."""
+    first = parts[0]
+    arms, summary_arms = {}, {}
+    for path, run in zip(paths, parts):
+        both = sorted(set(summary_arms) & set(run["summary"]["arms"]))
+        if both:
+            raise ValueError(f"{path}: seed {seed} is in two of the files with the same arm(s) {both}")
+        if run["summary"]["teacher_dice"] != first["summary"]["teacher_dice"] or run.get("data") != first.get("data"):
+            raise ValueError(f"{path}: seed {seed} started from another teacher or data set than in {paths[0]}")
+        arms.update(run.get("arms", {}))
+        summary_arms.update(run["summary"]["arms"])
+    none_final = summary_arms["none"]["dice"][-1] if "none" in summary_arms else None
+    for row in summary_arms.values():
+        row["gain_vs_none"] = row["dice"][-1] - none_final if none_final is not None else None
+        reviewed = row["reviewed_voxels"]
+        row["gain_vs_none_per_1000"] = (row["gain_vs_none"] / (reviewed / 1000.0)
+                                        if reviewed and row["gain_vs_none"] is not None else None)
+    order = [a for a in MAIN_ARMS if a in summary_arms] + [a for a in summary_arms if a not in MAIN_ARMS]
+    g, r = summary_arms.get("uncertainty", {}), summary_arms.get("random", {})
+    summary = {**first["summary"], "arms": {a: summary_arms[a] for a in order},
+               "guided_vs_random": {k: gain_ratio(g.get(k), r.get(k)) for k in
+                                    ("gain_per_1000", "gain_vs_none_per_1000", "fixed_per_1000", "case_gain_per_1000")}}
+    return {**first, "arms": {a: arms[a] for a in order if a in arms}, "summary": summary,
+            "seconds": round(sum(p["seconds"] for p in parts), 1),
+            "cpu_seconds": round(sum(p["cpu_seconds"] for p in parts), 1)}
+
+
 def merge(paths: list[str | Path], out_name: str) -> dict:
-    """One result of the seeds of several result files of the same loop (seeds run side by side, one invocation
-    each): the configurations must agree but for the seed, and a seed may come from one file only."""
+    """One result of several result files of the same loop run side by side, one invocation each: the
+    configurations must agree but for the seed and the arms. A seed's arms may come from several files (the same
+    teacher, each arm in one file only); the merged result holds the arms every seed has."""
     results = [json.loads(Path(p).read_text()) for p in paths]
     first = results[0]
-    runs, seen = [], set()
+    same = {k: v for k, v in first["config"].items() if k != "arms"}
+    by_seed: dict[int, list] = {}
     for path, res in zip(paths, results):
-        if res["config"] != first["config"] or res["profile"] != first["profile"]:
-            raise ValueError(f"{path}: another loop configuration than {paths[0]}'s; only seeds may differ")
+        if {k: v for k, v in res["config"].items() if k != "arms"} != same or res["profile"] != first["profile"]:
+            raise ValueError(f"{path}: another loop configuration than {paths[0]}'s; only seeds and arms may differ")
         for run in res["runs"]:
-            if run["seed"] in seen:
-                raise ValueError(f"{path}: seed {run['seed']} is in two of the files")
-            seen.add(run["seed"])
-            runs.append(run)
-    runs.sort(key=lambda r: r["seed"])
-    merged = {**first, "seeds": [r["seed"] for r in runs], "runs": runs, "aggregate": aggregate(runs),
+            by_seed.setdefault(run["seed"], []).append((path, run))
+    runs = []
+    for seed in sorted(by_seed):
+        group = by_seed[seed]
+        if len(group) == 1:
+            runs.append(group[0][1])
+            continue
+        runs.append(_join_arms(seed, [run for _, run in group], [path for path, _ in group]))
+    arm_sets = [set(r["summary"]["arms"]) for r in runs]
+    if any(a != arm_sets[0] for a in arm_sets):
+        raise ValueError(f"the seeds hold different arms after merging: {[sorted(a) for a in arm_sets]}")
+    config = {**first["config"], "arms": list(runs[0]["summary"]["arms"])} if "arms" in first["config"] else first["config"]
+    merged = {**first, "config": config, "seeds": [r["seed"] for r in runs], "runs": runs, "aggregate": aggregate(runs),
               "seconds": round(max(r["seconds"] for r in results), 1),
               "cpu_seconds": round(sum(r["cpu_seconds"] for r in runs), 1),
-              "merged_from": [{"file": Path(p).name, "seeds": r["seeds"], "seconds": r["seconds"],
-                               "date": r["environment"].get("date")} for p, r in zip(paths, results)]}
+              "merged_from": [{"file": Path(p).name, "seeds": r["seeds"], "arms": r["config"].get("arms"),
+                               "seconds": r["seconds"], "date": r["environment"].get("date")}
+                              for p, r in zip(paths, results)]}
     _write(merged, out_name)
     return merged
 
