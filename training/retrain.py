@@ -27,7 +27,7 @@ class RetrainSchedule:
     val_checks: validations per run."""
 
     base_iterations: int = 60
-    per_new_case: int = 60
+    per_new_case: int = 120
     max_iterations: int = 600
     lr: float = 0.01
     lr_schedule: str = "poly"

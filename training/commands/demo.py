@@ -19,6 +19,9 @@ from pathlib import Path
 
 MARKER = ".sslsegment-demo"
 PHANTOMS = {"n_train": 24, "n_val": 4, "n_test": 6}
+# The demo's retrains train half as long per new case as the worker's default schedule so that its four arms fit the
+# demo's time budget on a 2-core machine; what the longer default buys: docs/refinement.md, "The retrain".
+DEMO_PER_NEW_CASE = 60
 
 
 def register(sub) -> None:
@@ -60,6 +63,7 @@ def cmd_demo(args) -> int:
     from benchmarks.refinement import Console, LoopConfig, LoopError, finetune_params, run_loop, save_detail
     from benchmarks.report import write_report
     from training.cli import CommandError
+    from training.retrain import RetrainSchedule
 
     cfg = LoopConfig(
         arms=list(args.arms), rounds=args.rounds, cases_per_round=args.cases_per_round, budget_fraction=args.budget,
@@ -67,6 +71,7 @@ def cmd_demo(args) -> int:
         teacher={"method": "brl", "iterations": args.teacher_iterations, "lr": 0.02, "lr_schedule": "poly",
                  "val_interval": max(1, args.teacher_iterations // 3)},
         finetune=finetune_params(args.finetune_iterations) if args.finetune_iterations else {},
+        retrain={**RetrainSchedule().to_dict(), "per_new_case": DEMO_PER_NEW_CASE},
         threads=args.threads, seed=args.seed,
     )
     torch.set_num_threads(args.threads)
@@ -90,7 +95,8 @@ def cmd_demo(args) -> int:
     console(f"[3/4] {args.rounds} rounds × {args.cases_per_round} cases × {len(cfg.arms)} strategies "
             f"({', '.join(cfg.arms)}); review budget {100 * args.budget:g} % of each case; after each round a retrain "
             + (f"of {args.finetune_iterations} iterations" if args.finetune_iterations else
-               "sized to the round's corrections (the worker's schedule)"))
+               f"sized to the round's corrections (the worker's schedule at {DEMO_PER_NEW_CASE} iterations per new "
+               "case)"))
     try:
         result = run_loop(data, out / "work", cfg, console)
     except LoopError as exc:
