@@ -101,6 +101,8 @@ def test_merging_arm_groups_of_one_seed_recomputes_the_gains_beyond_retraining(t
     guided = merged["aggregate"]["arms"]["uncertainty"]
     assert guided["gain_vs_none_per_seed"] == pytest.approx([0.01, 0.01])  # 0.73 against the other file's 0.72
     assert merged["runs"][0]["seconds"] == 6.0 and merged["runs"][0]["cpu_seconds"] == 20.0
+    assert merged["seconds"] == 10.0  # the files' own 10 s beat a joined seed's 6 s here
+    assert "the invocations of its arm groups added; 2 invocations" in (tmp_path / "joined.md").read_text()
 
     rest["runs"][1]["summary"]["teacher_dice"] = 0.69
     b.write_text(json.dumps(rest))

@@ -206,8 +206,7 @@ def markdown(result: dict) -> str:
         "",
         f"Machine: {env['machine']} ({env['processor']}), {env['cpu_threads']} torch thread(s), device {env['device']}; "
         f"Python {env['python']}, torch {env['torch']}, MONAI {env['monai']}; date {env['date']}. "
-        f"Wall {result['seconds']:.0f} s" + (f" (the longest of {len(result['merged_from'])} invocations run side by "
-                                             f"side, one per seed group)" if result.get("merged_from") else "")
+        f"Wall {result['seconds']:.0f} s" + _merged_words(result)
         + f", CPU {result['cpu_seconds']:.0f} s in all (the loop, servers and workers).",
         "",
         f"Retrain: {_retrain_sentence(cfg)} Teacher: {json.dumps(cfg['teacher'])}.",
@@ -351,6 +350,16 @@ def render(json_path: str | Path) -> Path:
     return path.with_suffix(".md")
 
 
+def _merged_words(result: dict) -> str:
+    """What the wall time of a merged result is."""
+    if not result.get("merged_from"):
+        return ""
+    n = len(result["merged_from"])
+    if result.get("joined_arms"):
+        return f" (the longest seed, the invocations of its arm groups added; {n} invocations in all)"
+    return f" (the longest of {n} invocations run side by side, one per seed group)"
+
+
 def _join_arms(seed: int, parts: list[dict], paths: list) -> dict:
     """One run record of a seed whose arms ran in several invocations: the same teacher (checked by its test Dice
     and the data folder), disjoint arms; gains beyond retraining and the guided / random ratios are recomputed
@@ -404,10 +413,11 @@ def merge(paths: list[str | Path], out_name: str) -> dict:
     arm_sets = [set(r["summary"]["arms"]) for r in runs]
     if any(a != arm_sets[0] for a in arm_sets):
         raise ValueError(f"the seeds hold different arms after merging: {[sorted(a) for a in arm_sets]}")
+    joined = any(len(group) > 1 for group in by_seed.values())
     config = {**first["config"], "arms": list(runs[0]["summary"]["arms"])} if "arms" in first["config"] else first["config"]
     merged = {**first, "config": config, "seeds": [r["seed"] for r in runs], "runs": runs, "aggregate": aggregate(runs),
-              "seconds": round(max(r["seconds"] for r in results), 1),
-              "cpu_seconds": round(sum(r["cpu_seconds"] for r in runs), 1),
+              "seconds": round(max([r["seconds"] for r in results] + [r.get("seconds", 0.0) for r in runs]), 1),
+              "cpu_seconds": round(sum(r["cpu_seconds"] for r in runs), 1), "joined_arms": joined,
               "merged_from": [{"file": Path(p).name, "seeds": r["seeds"], "arms": r["config"].get("arms"),
                                "seconds": r["seconds"], "date": r["environment"].get("date")}
                               for p, r in zip(paths, results)]}
