@@ -459,7 +459,8 @@ def _run_record(seed: int, data: Path, res: dict) -> dict:
 
 def run_profile(profile: Profile, work: Path, seeds: list[int], threads: int, data: str | None = None,
                 la_source: str | None = None, arms: list[str] | None = None, finetune_iterations: int | None = None,
-                out_name: str | None = None, retrain: dict | None = None, finetune: dict | None = None) -> dict:
+                out_name: str | None = None, retrain: dict | None = None, finetune: dict | None = None,
+                teacher_iterations: int | None = None) -> dict:
     """Every seed of `profile`; each invocation trains under WORK/loop/<result name>/, so two side by side with
     other result names never share (or delete) each other's datastores."""
     from benchmarks.experiment import environment
@@ -476,6 +477,11 @@ def run_profile(profile: Profile, work: Path, seeds: list[int], threads: int, da
             loop["arms"] = arms
         if finetune_iterations is not None:
             loop["finetune"] = {**loop["finetune"], **finetune_params(finetune_iterations)}
+        if teacher_iterations is not None:
+            if teacher_iterations < 1:
+                raise ValueError(f"--teacher-iterations must be >= 1, got {teacher_iterations}")
+            loop["teacher"] = {**loop["teacher"], "iterations": teacher_iterations,
+                               "val_interval": max(1, teacher_iterations // 3)}
         if finetune:
             loop["finetune"] = {**loop["finetune"], **finetune}
         if retrain:
@@ -541,6 +547,8 @@ def main(argv=None) -> int:
     ap.add_argument("--render", default=None, metavar="JSON", help="only rewrite the markdown of a result JSON")
     ap.add_argument("--finetune-iterations", type=int, default=None, metavar="N",
                     help="iterations of each retrain (default: the profile's); the rest of the retrain as the profile's")
+    ap.add_argument("--teacher-iterations", type=int, default=None, metavar="N",
+                    help="iterations of the first model (default: the profile's; validation every N/3)")
     ap.add_argument("--retrain", nargs="+", default=[], metavar="KEY=VALUE",
                     help="the datastore's retrain schedule fields, e.g. per_new_case=90 lr=0.005 (JSON values)")
     ap.add_argument("--finetune", nargs="+", default=[], metavar="KEY=VALUE",
@@ -567,7 +575,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     profile = PROFILES[args.profile]
     result = run_profile(profile, Path(args.work), args.seeds or profile.seeds, args.threads, args.data,
-                         args.la_source, args.arms, args.finetune_iterations, args.out_name, retrain, finetune)
+                         args.la_source, args.arms, args.finetune_iterations, args.out_name, retrain, finetune,
+                         args.teacher_iterations)
     print(markdown(result))
     return 0
 
