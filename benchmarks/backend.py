@@ -11,8 +11,8 @@ Measures, with the real server and worker as subprocesses on 127.0.0.1 and a fre
      correction upload (`POST /cases/{id}/labels`: multipart label + reviewed mask, validated, written as an
      immutable revision, fsynced, indexed), with 1 and 4 concurrent clients, each its own keep-alive-less connection.
 
-Profiles: quick: 24×32×32 phantoms, tiny UNet, 40 fine-tuning iterations (CPU, about two minutes);
-          standard: 40×64×64 phantoms, default UNet, 200 iterations.
+Profiles: quick: 24×32×32 phantoms, tiny UNet (CPU, about two minutes); standard: 40×64×64 phantoms, default UNet.
+A correction's retrain names no length, so the worker's retrain schedule sizes it (training/retrain.py).
 Writes benchmarks/results/backend[-PROFILE].json and .md (machine, versions, date, load average).
 """
 
@@ -140,6 +140,7 @@ def bench_correction_to_promotion(backend, client, truth_dir: Path, work: Path, 
                 "job_total_s": round(finished - started, 3),
                 "scoring_after_promotion_s": round(finished - t_current, 3),
                 "val_dice": r["val_dice"], "parent_val_dice": r["parent_val_dice"], "reviewed_voxels": rev["reviewed_voxels"],
+                "iterations": r.get("iterations"),
             })
             print(f"  correction → {r['model_version']} current in {runs[-1]['submit_to_current_s']:.1f} s "
                   f"(training {r['train_seconds']:.1f} s)", flush=True)
@@ -250,6 +251,16 @@ def run(profile_name: str, repeats: int, n_requests: int, threads: int, keep: bo
     return result
 
 
+def _retrain_words(r: dict) -> str:
+    """How long the timed retrains trained: a correction's job names no length, so the worker's retrain schedule
+    sizes it; results from before the jobs' iterations were recorded name the settings' length."""
+    its = sorted({run.get("iterations") for run in r["correction_to_promotion"]["runs"]} - {None})
+    if not its:
+        return f"Fine-tuning {r['config']['train']['iterations']} iterations."
+    return (f"Each correction's retrain ran {', '.join(map(str, its))} iterations, sized by the worker's retrain "
+            f"schedule (training/retrain.py).")
+
+
 def markdown(r: dict) -> str:
     e, c = r["environment"], r["correction_to_promotion"]
     m = c["median"]
@@ -261,8 +272,8 @@ def markdown(r: dict) -> str:
         f"SQLite {e['sqlite']} · {r['threads_per_process']} torch thread(s) per process",
         "",
         "Server and worker ran as subprocesses on 127.0.0.1 against a fresh datastore of phantoms "
-        f"({'×'.join(map(str, r['config']['shape']))} voxels; fine-tuning {r['config']['train']['iterations']} iterations, "
-        f"patch {'×'.join(map(str, r['config']['train']['patch_size']))}).",
+        f"({'×'.join(map(str, r['config']['shape']))} voxels; patch {'×'.join(map(str, r['config']['train']['patch_size']))}). "
+        + _retrain_words(r),
         "",
         "## Correction → promoted model version",
         "",

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.refinement import Console, LoopConfig, finetune_params, gain_ratio, run_loop
+from benchmarks.refinement import (Console, LoopConfig, finetune_params, gain_ratio, guided_vs_random, run_loop,
+                                   set_gains_vs_none)
 from training.retrain import RetrainSchedule
 
 RESULTS = Path("benchmarks/results")
@@ -343,8 +344,7 @@ def render(json_path: str | Path) -> Path:
     path = Path(json_path)
     result = json.loads(path.read_text())
     for run in result["runs"]:
-        g, r = run["summary"]["arms"].get("uncertainty", {}), run["summary"]["arms"].get("random", {})
-        run["summary"]["guided_vs_random"] = {k: gain_ratio(g.get(k), r.get(k)) for k in run["summary"]["guided_vs_random"]}
+        run["summary"]["guided_vs_random"] = guided_vs_random(run["summary"]["arms"])
     result["aggregate"] = aggregate(result["runs"])
     _write_files(path, result)
     return path.with_suffix(".md")
@@ -374,17 +374,10 @@ def _join_arms(seed: int, parts: list[dict], paths: list) -> dict:
             raise ValueError(f"{path}: seed {seed} started from another teacher or data set than in {paths[0]}")
         arms.update(run.get("arms", {}))
         summary_arms.update(run["summary"]["arms"])
-    none_final = summary_arms["none"]["dice"][-1] if "none" in summary_arms else None
-    for row in summary_arms.values():
-        row["gain_vs_none"] = row["dice"][-1] - none_final if none_final is not None else None
-        reviewed = row["reviewed_voxels"]
-        row["gain_vs_none_per_1000"] = (row["gain_vs_none"] / (reviewed / 1000.0)
-                                        if reviewed and row["gain_vs_none"] is not None else None)
+    set_gains_vs_none(summary_arms)
     order = [a for a in MAIN_ARMS if a in summary_arms] + [a for a in summary_arms if a not in MAIN_ARMS]
-    g, r = summary_arms.get("uncertainty", {}), summary_arms.get("random", {})
     summary = {**first["summary"], "arms": {a: summary_arms[a] for a in order},
-               "guided_vs_random": {k: gain_ratio(g.get(k), r.get(k)) for k in
-                                    ("gain_per_1000", "gain_vs_none_per_1000", "fixed_per_1000", "case_gain_per_1000")}}
+               "guided_vs_random": guided_vs_random(summary_arms)}
     return {**first, "arms": {a: arms[a] for a in order if a in arms}, "summary": summary,
             "seconds": round(sum(p["seconds"] for p in parts), 1),
             "cpu_seconds": round(sum(p["cpu_seconds"] for p in parts), 1)}
@@ -414,7 +407,7 @@ def merge(paths: list[str | Path], out_name: str) -> dict:
     if any(a != arm_sets[0] for a in arm_sets):
         raise ValueError(f"the seeds hold different arms after merging: {[sorted(a) for a in arm_sets]}")
     joined = any(len(group) > 1 for group in by_seed.values())
-    config = {**first["config"], "arms": list(runs[0]["summary"]["arms"])} if "arms" in first["config"] else first["config"]
+    config = {**first["config"], "arms": list(runs[0]["summary"]["arms"])}
     merged = {**first, "config": config, "seeds": [r["seed"] for r in runs], "runs": runs, "aggregate": aggregate(runs),
               "seconds": round(max([r["seconds"] for r in results] + [r.get("seconds", 0.0) for r in runs]), 1),
               "cpu_seconds": round(sum(r["cpu_seconds"] for r in runs), 1), "joined_arms": joined,
@@ -478,8 +471,6 @@ def run_profile(profile: Profile, work: Path, seeds: list[int], threads: int, da
         if finetune_iterations is not None:
             loop["finetune"] = {**loop["finetune"], **finetune_params(finetune_iterations)}
         if teacher_iterations is not None:
-            if teacher_iterations < 1:
-                raise ValueError(f"--teacher-iterations must be >= 1, got {teacher_iterations}")
             loop["teacher"] = {**loop["teacher"], "iterations": teacher_iterations,
                                "val_interval": max(1, teacher_iterations // 3)}
         if finetune:
@@ -567,6 +558,8 @@ def main(argv=None) -> int:
     try:
         retrain = retrain_options(args.retrain)
         finetune = finetune_options(args.finetune)
+        if args.teacher_iterations is not None and args.teacher_iterations < 1:
+            raise ValueError(f"--teacher-iterations must be >= 1, got {args.teacher_iterations}")
     except ValueError as exc:
         ap.error(str(exc))
     if args.render:

@@ -446,7 +446,6 @@ def summarize(result: dict) -> dict:
     much of the clinician's effort landed on errors). case_gain_per_1000: Dice of the reviewed cases themselves,
     after − before, summed, per 1000 reviewed voxels."""
     arms = result["arms"]
-    none_final = arms["none"]["rounds"][-1]["test_dice"] if "none" in arms else None
     out = {}
     for name, a in arms.items():
         dice = [a["start"]["dice_mean"]] + [r["test_dice"] for r in a["rounds"]]
@@ -463,7 +462,6 @@ def summarize(result: dict) -> dict:
             "n_cases": len(reviews),
             "gain": gain,
             "gain_per_1000": gain / (reviewed / 1000.0) if reviewed else None,
-            "gain_vs_none": (dice[-1] - none_final) if none_final is not None else None,
             "fixed_per_1000": 1000.0 * edited / reviewed if reviewed else None,
             "case_gain_per_1000": (1000.0 * sum(v["dice_after"] - v["dice_before"] for v in reviews) / reviewed
                                    if reviewed else None),
@@ -476,17 +474,33 @@ def summarize(result: dict) -> dict:
             "error_detection_final": a["final_eval"]["error_detection"],
             "seconds": a["seconds"],
         }
+        out[name] = row
+    set_gains_vs_none(out)
+    teacher_eval = next(iter(arms.values()))["start"]
+    return {"arms": out, "guided_vs_random": guided_vs_random(out),
+            "teacher_error_detection": teacher_eval["error_detection"], "teacher_dice": teacher_eval["dice_mean"]}
+
+
+RATIO_KEYS = ("gain_per_1000", "gain_vs_none_per_1000", "fixed_per_1000", "case_gain_per_1000")
+
+
+def set_gains_vs_none(rows: dict) -> None:
+    """Set every arm row's gain_vs_none (its final Dice − the none arm's) and gain_vs_none_per_1000 (per 1000 reviewed
+    voxels), None without a none arm. rows: arm name → summarize's row."""
+    none_final = rows["none"]["dice"][-1] if "none" in rows else None
+    for row in rows.values():
+        row["gain_vs_none"] = row["dice"][-1] - none_final if none_final is not None else None
+        reviewed = row["reviewed_voxels"]
         row["gain_vs_none_per_1000"] = (row["gain_vs_none"] / (reviewed / 1000.0)
                                         if reviewed and row["gain_vs_none"] is not None else None)
-        out[name] = row
-    ratios = {}
-    if "uncertainty" in out and "random" in out:
-        g, r = out["uncertainty"], out["random"]
-        for key in ("gain_per_1000", "gain_vs_none_per_1000", "fixed_per_1000", "case_gain_per_1000"):
-            ratios[key] = gain_ratio(g[key], r[key])
-    teacher_eval = next(iter(arms.values()))["start"]
-    return {"arms": out, "guided_vs_random": ratios, "teacher_error_detection": teacher_eval["error_detection"],
-            "teacher_dice": teacher_eval["dice_mean"]}
+
+
+def guided_vs_random(rows: dict) -> dict:
+    """The guided arm's RATIO_KEYS over the random arm's ({} unless both ran)."""
+    if "uncertainty" not in rows or "random" not in rows:
+        return {}
+    g, r = rows["uncertainty"], rows["random"]
+    return {key: gain_ratio(g[key], r[key]) for key in RATIO_KEYS}
 
 
 def gain_ratio(a, b):
@@ -568,5 +582,5 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-__all__ = ["ARMS", "Console", "LoopConfig", "finetune_params", "LoopError", "TestEvaluator", "prepare_base", "run_arm", "run_loop",
+__all__ = ["ARMS", "Console", "LoopConfig", "finetune_params", "guided_vs_random", "LoopError", "set_gains_vs_none", "TestEvaluator", "prepare_base", "run_arm", "run_loop",
            "save_result", "save_detail", "load_detail", "summarize", "wait_for_job", "STRATEGIES"]
